@@ -1,1 +1,25 @@
-//! placeholder
+//! ringrouter's data plane: one monoio shard per core, each accepting on its own
+//! SO_REUSEPORT listener and carrying every request it accepted from the first byte of
+//! the request head to the last byte of the worker's response, without handing anything
+//! to another thread.
+//!
+//! Layout (one owner per concern):
+//! - [`config`]: what the binary tells the data plane (listen address, limits, workers).
+//! - [`shard`]: the per-core runtime, the io driver choice, the accept loop.
+//! - [`http`]: the server side of HTTP/1.1: request heads, bodies, limits, error answers.
+//! - [`body`]: the fields of an OpenAI request body the router looks at.
+//! - [`route`]: the worker set and the policies that pick a worker.
+//! - [`upstream`]: the client side: keep-alive pools, the upstream request, the response relay.
+//! - [`proxy`]: one client connection's life, as named phases.
+
+pub mod body;
+pub mod config;
+pub mod http;
+pub mod proxy;
+pub mod route;
+pub mod shard;
+pub mod upstream;
+
+pub use config::{DataPlaneConfig, IoDriver};
+pub use route::{Policy, Worker, WorkerSet};
+pub use shard::{start, DataPlane, ShardInfo};

@@ -1,0 +1,123 @@
+//! The fields of an OpenAI request body the router reads, in one validating pass with
+//! sonic-rs: the body must be a JSON object (400 otherwise, before any worker sees it).
+//! Values the router does not read are skipped with full validation, never materialised.
+//! Duplicate keys are allowed and the last one wins, as in vLLM (pydantic).
+
+use std::fmt;
+
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+use sonic_rs::LazyValue;
+
+/// What the data plane needs from a request body. Borrowed from the body bytes.
+#[derive(Default)]
+pub struct RequestFields<'a> {
+    /// The raw JSON of `model` (a string literal, quotes included), if present.
+    pub model: Option<LazyValue<'a>>,
+    pub stream: bool,
+}
+
+impl RequestFields<'_> {
+    /// `model` as a string, when it is one.
+    pub fn model_name(&self) -> Option<String> {
+        self.model
+            .as_ref()
+            .and_then(|m| sonic_rs::from_str::<String>(m.as_raw_str()).ok())
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct BodyError(pub String);
+
+impl fmt::Display for BodyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Validates `body` as a JSON object and extracts the routing fields.
+pub fn parse_fields(body: &[u8]) -> Result<RequestFields<'_>, BodyError> {
+    if body.is_empty() {
+        return Err(BodyError("request body is empty; expected a JSON object".into()));
+    }
+    sonic_rs::from_slice::<FieldsSeed>(body)
+        .map(|f| f.0)
+        .map_err(|e| BodyError(format!("request body is not valid JSON: {e}")))
+}
+
+struct FieldsSeed<'a>(RequestFields<'a>);
+
+impl<'de> serde::Deserialize<'de> for FieldsSeed<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(FieldsVisitor)
+    }
+}
+
+struct FieldsVisitor;
+
+impl<'de> Visitor<'de> for FieldsVisitor {
+    type Value = FieldsSeed<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut fields = RequestFields::default();
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            match key.as_ref() {
+                "model" => fields.model = Some(map.next_value::<LazyValue<'de>>()?),
+                "stream" => {
+                    fields.stream = match map.next_value::<Option<bool>>() {
+                        Ok(v) => v.unwrap_or(false),
+                        Err(_) => return Err(de::Error::custom("'stream' must be a boolean")),
+                    }
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(FieldsSeed(fields))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_model_and_stream() {
+        let b = br#"{"model":"m\u00e9","prompt":"hi","stream":true,"max_tokens":4}"#;
+        let f = parse_fields(b).unwrap();
+        assert!(f.stream);
+        assert_eq!(f.model_name().as_deref(), Some("mé"));
+    }
+
+    #[test]
+    fn last_duplicate_wins() {
+        let f = parse_fields(br#"{"stream":true,"stream":false}"#).unwrap();
+        assert!(!f.stream);
+    }
+
+    #[test]
+    fn null_stream_is_false() {
+        assert!(!parse_fields(br#"{"stream":null}"#).unwrap().stream);
+    }
+
+    #[test]
+    fn invalid_json_is_refused_even_in_skipped_values() {
+        for bad in [
+            &b"{"[..],
+            b"{\"prompt\": [1, 2,]}",
+            b"{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}}",
+            b"[1,2]",
+            b"\"str\"",
+            b"{} trailing",
+            b"",
+            b"{\"stream\": \"yes\"}",
+            b"{\"prompt\": \"\xff\"}",
+        ] {
+            assert!(parse_fields(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+}

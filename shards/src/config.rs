@@ -1,0 +1,66 @@
+//! The data plane's settings, as decided by the binary's CLI. Plain data: every shard gets
+//! a clone at start.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::route::{Policy, WorkerSet};
+
+/// Which io driver each shard runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoDriver {
+    /// io_uring when the kernel (and seccomp) allow it, else epoll.
+    Auto,
+    /// io_uring or fail at start.
+    Uring,
+    /// epoll (monoio's legacy driver).
+    Epoll,
+}
+
+#[derive(Clone, Debug)]
+pub struct DataPlaneConfig {
+    pub listen: SocketAddr,
+    pub shards: usize,
+    pub pin_cores: bool,
+    pub io_driver: IoDriver,
+    pub workers: WorkerSet,
+    pub policy: Policy,
+    /// Largest request body accepted (413 beyond).
+    pub max_payload_size: usize,
+    /// Largest request head accepted (431 beyond).
+    pub max_header_bytes: usize,
+    /// A whole request, from its head being read to the last response byte.
+    pub request_timeout: Duration,
+    /// Time a client has to send a complete request head once it started one.
+    pub header_read_timeout: Duration,
+    /// Time an idle keep-alive client connection is kept open between requests.
+    pub keepalive_timeout: Duration,
+    /// Time to establish a TCP connection to a worker.
+    pub connect_timeout: Duration,
+    /// An idle pooled upstream connection older than this is not reused (vLLM's uvicorn
+    /// closes idle connections after 5 s).
+    pub upstream_idle_timeout: Duration,
+    /// Idle upstream connections kept per worker per shard.
+    pub pool_max_idle_per_worker: usize,
+}
+
+impl DataPlaneConfig {
+    pub fn new(listen: SocketAddr, workers: WorkerSet) -> Self {
+        DataPlaneConfig {
+            listen,
+            shards: 1,
+            pin_cores: false,
+            io_driver: IoDriver::Auto,
+            workers,
+            policy: Policy::RoundRobin,
+            max_payload_size: 536_870_912,
+            max_header_bytes: 64 * 1024,
+            request_timeout: Duration::from_secs(1800),
+            header_read_timeout: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(75),
+            connect_timeout: Duration::from_secs(5),
+            upstream_idle_timeout: Duration::from_secs(4),
+            pool_max_idle_per_worker: 256,
+        }
+    }
+}

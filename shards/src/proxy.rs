@@ -1,0 +1,875 @@
+//! One client connection's life on its shard, as named phases:
+//! `read_head` → `read_body` → `route_request` (local answer, or a worker) →
+//! `exchange` (pooled connection, upstream request, response head) → `relay_body`.
+//!
+//! While a request is with a worker, the client's socket is watched: a client that closes
+//! makes the router shut the upstream connection at once (that is how vLLM learns to abort
+//! the generation), and such a connection never returns to the pool. Bytes the client
+//! pipelines meanwhile are kept for the next request.
+
+use std::cell::{Cell, RefCell};
+use std::future::{poll_fn, Future};
+use std::os::fd::AsRawFd;
+use std::pin::{pin, Pin};
+use std::rc::Rc;
+use std::task::Poll;
+
+use monoio::buf::{IoBuf, IoBufMut};
+use monoio::io::{
+    AsyncReadRent, AsyncWriteRentExt, CancelableAsyncReadRent, Canceller, OwnedReadHalf,
+    OwnedWriteHalf, Splitable,
+};
+use monoio::net::TcpStream;
+use monoio::time::{sleep_until, timeout_at, Instant, Sleep};
+use monoio::BufResult;
+
+use crate::body::parse_fields;
+use crate::config::DataPlaneConfig;
+use crate::http::response::write_simple;
+use crate::http::{ApiError, BodyFraming, ChunkedDecoder, Method, ParseOutcome, RequestHead};
+use crate::route::{Selector, WorkerSet};
+use crate::upstream::request::write_upstream_head;
+use crate::upstream::response::write_client_head;
+use crate::upstream::{Pool, ResponseFraming, ResponseHead};
+
+type ClientRd = OwnedReadHalf<TcpStream>;
+type ClientWr = OwnedWriteHalf<TcpStream>;
+
+/// A shard's state, shared by its connection tasks (single-threaded, so `RefCell`).
+pub struct Shard {
+    pub id: usize,
+    pub cfg: DataPlaneConfig,
+    pub workers: WorkerSet,
+    pub selector: RefCell<Selector>,
+    pub pool: RefCell<Pool>,
+    pub ids: RequestIds,
+}
+
+/// Request ids for clients that sent none: a random per-shard prefix and a counter.
+pub struct RequestIds {
+    prefix: u64,
+    next: Cell<u64>,
+}
+
+impl RequestIds {
+    pub fn new(shard: usize) -> Self {
+        RequestIds {
+            prefix: fastrand::u64(..) ^ (shard as u64).rotate_left(56),
+            next: Cell::new(0),
+        }
+    }
+
+    fn write_next(&self, out: &mut Vec<u8>) {
+        let n = self.next.get();
+        self.next.set(n.wrapping_add(1));
+        write_hex(out, self.prefix);
+        write_hex(out, n);
+    }
+}
+
+fn write_hex(out: &mut Vec<u8>, v: u64) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for i in (0..16).rev() {
+        out.push(HEX[((v >> (i * 4)) & 0xf) as usize]);
+    }
+}
+
+/// Paths whose POST body must be a JSON object before a worker sees it.
+fn is_json_route(path: &[u8]) -> bool {
+    matches!(
+        path,
+        b"/v1/completions"
+            | b"/v1/chat/completions"
+            | b"/v1/embeddings"
+            | b"/v1/responses"
+            | b"/generate"
+    )
+}
+
+/// Bodies up to this size are copied behind the upstream head and sent in one write.
+const COALESCE_BODY: usize = 64 * 1024;
+/// Initial size of the buffers of a connection; they grow only when a message needs it.
+const INBUF: usize = 4096;
+const UPBUF: usize = 8192;
+/// Largest worker response head accepted.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
+/// The buffers of one client connection, reused request after request.
+struct Buffers {
+    /// Client bytes; the current request starts at `start`.
+    inbuf: Vec<u8>,
+    start: usize,
+    head: RequestHead,
+    /// Heads being written (to the worker or to the client).
+    out: Vec<u8>,
+    /// Bytes from the worker.
+    upbuf: Vec<u8>,
+    /// A chunked request body, decoded.
+    decoded: Vec<u8>,
+    /// The request id of the current request.
+    rid: Vec<u8>,
+    /// Where the client watch reads (pipelined bytes land here first).
+    watch: Vec<u8>,
+}
+
+enum Next {
+    KeepAlive,
+    Close,
+}
+
+enum Body {
+    /// `len` bytes right after the head in `inbuf`.
+    Inline(usize),
+    /// Decoded into `decoded`; `raw` bytes of chunked framing followed the head.
+    Decoded { raw: usize },
+}
+
+enum Fill {
+    Data,
+    Closed,
+    TimedOut,
+}
+
+pub async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) {
+    let (mut rd, mut wr) = stream.into_split();
+    let mut b = Buffers {
+        inbuf: Vec::with_capacity(INBUF),
+        start: 0,
+        head: RequestHead::default(),
+        out: Vec::with_capacity(1024),
+        upbuf: Vec::new(),
+        decoded: Vec::new(),
+        rid: Vec::with_capacity(40),
+        watch: Vec::new(),
+    };
+    loop {
+        b.rid.clear();
+        match read_head(&shard, &mut rd, &mut b).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                respond_error(&mut wr, &mut b, &e, true).await;
+                return;
+            }
+        }
+        match handle_request(&shard, &mut rd, &mut wr, &mut b).await {
+            Next::KeepAlive => {}
+            Next::Close => return,
+        }
+    }
+}
+
+/// Reads into `inbuf` after its current bytes, until `deadline`.
+async fn fill(rd: &mut ClientRd, b: &mut Buffers, deadline: Instant) -> Fill {
+    if b.start > 0 {
+        if b.start == b.inbuf.len() {
+            b.inbuf.clear();
+            b.start = 0;
+        } else if b.inbuf.capacity() - b.inbuf.len() < 1024 {
+            b.inbuf.drain(..b.start);
+            b.start = 0;
+        }
+    }
+    if b.inbuf.capacity() - b.inbuf.len() < 1024 {
+        b.inbuf.reserve(b.inbuf.capacity().max(INBUF));
+    }
+    let buf = std::mem::take(&mut b.inbuf);
+    let len = buf.len();
+    match timeout_at(deadline, rd.read(buf.slice_mut(len..))).await {
+        Ok((res, slice)) => {
+            b.inbuf = slice.into_inner();
+            match res {
+                Ok(n) if n > 0 => Fill::Data,
+                _ => Fill::Closed,
+            }
+        }
+        Err(_) => Fill::TimedOut,
+    }
+}
+
+/// Phase 1: a complete request head in `b.head`. `Ok(false)`: the client left or idled out.
+async fn read_head(shard: &Shard, rd: &mut ClientRd, b: &mut Buffers) -> Result<bool, ApiError> {
+    let mut head_deadline: Option<Instant> = None;
+    loop {
+        if b.inbuf.len() > b.start {
+            let outcome = b
+                .head
+                .parse(&b.inbuf[b.start..], shard.cfg.max_header_bytes)?;
+            if let ParseOutcome::Complete = outcome {
+                return Ok(true);
+            }
+        }
+        let deadline = if b.inbuf.len() > b.start {
+            *head_deadline.get_or_insert_with(|| Instant::now() + shard.cfg.header_read_timeout)
+        } else {
+            Instant::now() + shard.cfg.keepalive_timeout
+        };
+        match fill(rd, b, deadline).await {
+            Fill::Data => {}
+            Fill::Closed => return Ok(false),
+            Fill::TimedOut => {
+                if b.inbuf.len() > b.start {
+                    tracing::debug!(shard = shard.id, "closing a connection slow to send its request head");
+                }
+                return Ok(false);
+            }
+        }
+    }
+}
+
+/// Phase 2: the whole body, inline after the head or decoded from chunks.
+async fn read_body(
+    shard: &Shard,
+    rd: &mut ClientRd,
+    wr: &mut ClientWr,
+    b: &mut Buffers,
+) -> Result<Body, Option<ApiError>> {
+    let max = shard.cfg.max_payload_size;
+    let head_len = b.head.len;
+    let too_large = |n: usize| {
+        Some(ApiError::new(
+            413,
+            format!("request body of {n} bytes exceeds the limit of {max} bytes (--max-payload-size)"),
+        ))
+    };
+    match b.head.framing() {
+        BodyFraming::None => Ok(Body::Inline(0)),
+        BodyFraming::Length(n) => {
+            if n > max as u64 {
+                return Err(too_large(n as usize));
+            }
+            let n = n as usize;
+            if b.inbuf.len() - b.start < head_len + n {
+                if b.head.expect_continue && b.inbuf.len() - b.start == head_len {
+                    send_continue(wr).await?;
+                }
+                b.inbuf.reserve(head_len + n - (b.inbuf.len() - b.start));
+            }
+            while b.inbuf.len() - b.start < head_len + n {
+                let deadline = Instant::now() + shard.cfg.header_read_timeout;
+                match fill(rd, b, deadline).await {
+                    Fill::Data => {}
+                    _ => return Err(None),
+                }
+            }
+            Ok(Body::Inline(n))
+        }
+        BodyFraming::Chunked => {
+            if b.head.expect_continue && b.inbuf.len() - b.start == head_len {
+                send_continue(wr).await?;
+            }
+            b.decoded.clear();
+            let mut decoder = ChunkedDecoder::new();
+            let mut rel = head_len;
+            loop {
+                let from = b.start + rel;
+                let used = decoder
+                    .feed(&b.inbuf[from..], Some(&mut b.decoded))
+                    .map_err(|e| Some(ApiError::bad_request(format!("invalid chunked body: {e}"))))?;
+                rel += used;
+                if b.decoded.len() > max {
+                    return Err(too_large(b.decoded.len()));
+                }
+                if decoder.is_done() {
+                    return Ok(Body::Decoded { raw: rel - head_len });
+                }
+                let deadline = Instant::now() + shard.cfg.header_read_timeout;
+                match fill(rd, b, deadline).await {
+                    Fill::Data => {}
+                    _ => return Err(None),
+                }
+            }
+        }
+    }
+}
+
+async fn send_continue(wr: &mut ClientWr) -> Result<(), Option<ApiError>> {
+    let (res, _) = wr.write_all(&b"HTTP/1.1 100 Continue\r\n\r\n"[..]).await;
+    res.map(|_| ()).map_err(|_| None)
+}
+
+/// Writes a complete local response held in `b.out`.
+async fn flush_out(wr: &mut ClientWr, b: &mut Buffers) -> bool {
+    let (res, out) = wr.write_all(std::mem::take(&mut b.out)).await;
+    b.out = out;
+    b.out.clear();
+    res.is_ok()
+}
+
+async fn respond_error(wr: &mut ClientWr, b: &mut Buffers, e: &ApiError, close: bool) -> bool {
+    b.out.clear();
+    let rid = if b.rid.is_empty() { None } else { Some(&b.rid[..]) };
+    e.write_response(&mut b.out, rid, close);
+    flush_out(wr, b).await
+}
+
+/// Phases 2–5 for the request whose head is in `b.head`.
+async fn handle_request(
+    shard: &Shard,
+    rd: &mut ClientRd,
+    wr: &mut ClientWr,
+    b: &mut Buffers,
+) -> Next {
+    b.rid.clear();
+    if let Some(r) = b.head.request_id.clone() {
+        let s = b.start;
+        b.rid.extend_from_slice(&b.inbuf[s + r.start..s + r.end]);
+    } else {
+        shard.ids.write_next(&mut b.rid);
+    }
+    let body = match read_body(shard, rd, wr, b).await {
+        Ok(body) => body,
+        Err(Some(e)) => {
+            respond_error(wr, b, &e, true).await;
+            return Next::Close;
+        }
+        Err(None) => return Next::Close,
+    };
+    let head_len = b.head.len;
+    let consumed = head_len
+        + match body {
+            Body::Inline(n) => n,
+            Body::Decoded { raw } => raw,
+        };
+    let keep_alive = b.head.keep_alive;
+    let next = route_request(shard, rd, wr, b, &body).await;
+    b.start += consumed;
+    match next {
+        Next::KeepAlive if keep_alive => Next::KeepAlive,
+        _ => Next::Close,
+    }
+}
+
+/// Phase 3: answer locally or send to a worker.
+async fn route_request(
+    shard: &Shard,
+    rd: &mut ClientRd,
+    wr: &mut ClientWr,
+    b: &mut Buffers,
+    body: &Body,
+) -> Next {
+    let method = b.head.method();
+    let s = b.start;
+    let full_path = &b.inbuf[s + b.head.path.start..s + b.head.path.end];
+    let path = match full_path.iter().position(|&c| c == b'?') {
+        Some(q) => &full_path[..q],
+        None => full_path,
+    };
+    let close = !b.head.keep_alive;
+    let head_only = method == Method::Head;
+    let local: Option<(u16, &str, Vec<u8>)> = match (method, path) {
+        (Method::Get | Method::Head, b"/health") | (Method::Get | Method::Head, b"/readiness") => {
+            let usable = shard.workers.len();
+            if usable > 0 {
+                Some((200, "application/json", br#"{"status":"ok"}"#.to_vec()))
+            } else {
+                let e = ApiError::new(503, "no worker is available");
+                Some((503, "application/json", e.body()))
+            }
+        }
+        (Method::Get | Method::Head, b"/liveness") => {
+            Some((200, "application/json", br#"{"status":"ok"}"#.to_vec()))
+        }
+        (Method::Get | Method::Head, b"/version") => Some((
+            200,
+            "application/json",
+            format!("{{\"version\":\"{}\"}}", env!("CARGO_PKG_VERSION")).into_bytes(),
+        )),
+        (Method::Post, p) if is_json_route(p) => {
+            let bytes = match body {
+                Body::Inline(n) => &b.inbuf[s + b.head.len..s + b.head.len + n],
+                Body::Decoded { .. } => &b.decoded[..],
+            };
+            match parse_fields(bytes) {
+                Ok(_fields) => None,
+                Err(e) => Some((400, "application/json", ApiError::bad_request(e.0).body())),
+            }
+        }
+        _ => None,
+    };
+    if let Some((status, ctype, payload)) = local {
+        b.out.clear();
+        write_simple(&mut b.out, status, ctype, &payload, Some(&b.rid), close, head_only);
+        return if flush_out(wr, b).await {
+            Next::KeepAlive
+        } else {
+            Next::Close
+        };
+    }
+    if shard.workers.is_empty() {
+        respond_error(wr, b, &ApiError::new(503, "no worker is available"), close).await;
+        return Next::KeepAlive;
+    }
+    proxy(shard, rd, wr, b, body).await
+}
+
+/// Why waiting on a worker stopped early.
+enum Interrupt {
+    ClientGone,
+    TimedOut,
+}
+
+/// The client's socket, watched while a worker has the request, and the request deadline.
+struct Watch<'a, W> {
+    read: Pin<&'a mut W>,
+    state: WatchState,
+    deadline: Pin<&'a mut Sleep>,
+}
+
+enum WatchState {
+    Pending,
+    /// The client sent more bytes (a pipelined request); it is alive.
+    Data(Vec<u8>),
+    Gone,
+}
+
+impl<W: Future<Output = BufResult<usize, Vec<u8>>>> Watch<'_, W> {
+    /// Runs `f` unless the client leaves or the deadline passes first.
+    async fn guard<F: Future>(&mut self, f: F) -> Result<F::Output, Interrupt> {
+        if let WatchState::Gone = self.state {
+            return Err(Interrupt::ClientGone);
+        }
+        let mut f = pin!(f);
+        poll_fn(|cx| {
+            if let Poll::Ready(v) = f.as_mut().poll(cx) {
+                return Poll::Ready(Ok(v));
+            }
+            if let WatchState::Pending = self.state {
+                if let Poll::Ready((res, buf)) = self.read.as_mut().poll(cx) {
+                    match res {
+                        Ok(n) if n > 0 => self.state = WatchState::Data(buf),
+                        _ => {
+                            self.state = WatchState::Gone;
+                            return Poll::Ready(Err(Interrupt::ClientGone));
+                        }
+                    }
+                }
+            }
+            if self.deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(Interrupt::TimedOut));
+            }
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+/// Phase 4 and 5 around the client watch: the exchange with a worker, then whatever the
+/// watch read is kept for the next request.
+async fn proxy(
+    shard: &Shard,
+    rd: &mut ClientRd,
+    wr: &mut ClientWr,
+    b: &mut Buffers,
+    body: &Body,
+) -> Next {
+    let canceller = Canceller::new();
+    let mut watch_buf = std::mem::take(&mut b.watch);
+    watch_buf.clear();
+    if watch_buf.capacity() < 1024 {
+        watch_buf.reserve(1024);
+    }
+    let read = pin!(rd.cancelable_read(watch_buf, canceller.handle()));
+    let deadline = pin!(sleep_until(Instant::now() + shard.cfg.request_timeout));
+    let mut watch = Watch {
+        read,
+        state: WatchState::Pending,
+        deadline,
+    };
+    let next = exchange(shard, &mut watch, wr, b, body).await;
+    let pipelined = match std::mem::replace(&mut watch.state, WatchState::Gone) {
+        WatchState::Pending => {
+            let _ = canceller.cancel();
+            let (res, buf) = watch.read.await;
+            match res {
+                Ok(n) if n > 0 => Some(buf),
+                Ok(_) => {
+                    // EOF raced with the cancel: the client is gone.
+                    return Next::Close;
+                }
+                Err(_) => {
+                    b.watch = buf;
+                    None
+                }
+            }
+        }
+        WatchState::Data(buf) => Some(buf),
+        WatchState::Gone => return Next::Close,
+    };
+    if let Some(buf) = pipelined {
+        b.inbuf.extend_from_slice(&buf);
+        b.watch = buf;
+    }
+    next
+}
+
+/// Connection to a worker: pooled if one is idle, else new.
+async fn checkout(shard: &Shard, worker: usize) -> std::io::Result<(TcpStream, bool)> {
+    if let Some(s) = shard.pool.borrow_mut().take(worker) {
+        return Ok((s, true));
+    }
+    let addr = shard.workers.get(worker).addr;
+    let s = match monoio::time::timeout(shard.cfg.connect_timeout, TcpStream::connect(addr)).await
+    {
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connect timed out",
+            ))
+        }
+    };
+    let _ = s.set_nodelay(true);
+    shard.pool.borrow_mut().opened += 1;
+    Ok((s, false))
+}
+
+/// Shuts a worker connection down now, even with an operation in flight on it (closing the
+/// fd would wait for that operation), so the worker sees the abort immediately.
+fn abort_upstream(up: &TcpStream) {
+    unsafe {
+        libc::shutdown(up.as_raw_fd(), libc::SHUT_RDWR);
+    }
+}
+
+/// What happened on one attempt to get a response head from a worker.
+enum Attempt {
+    Head(TcpStream, ResponseHead),
+    /// Nothing reached the worker that it could have acted on: try again, on the same
+    /// worker with a fresh connection when only a pooled connection was stale.
+    Retry { error: String, same_worker: bool },
+    /// Answered to the client, or the client is gone.
+    Done(Next),
+}
+
+/// Phase 4: the request to a worker (trying the policy's candidates in order while the
+/// failure is one the worker cannot have acted on), then phase 5.
+async fn exchange<W: Future<Output = BufResult<usize, Vec<u8>>>>(
+    shard: &Shard,
+    watch: &mut Watch<'_, W>,
+    wr: &mut ClientWr,
+    b: &mut Buffers,
+    body: &Body,
+) -> Next {
+    let close = !b.head.keep_alive;
+    let candidates = shard.selector.borrow_mut().candidates(shard.workers.len());
+    let mut last_error = String::new();
+    for worker in candidates {
+        // Stale pooled connections are retried on the same worker; the pool drops each
+        // one it hands out that failed, so this ends.
+        loop {
+            match attempt(shard, watch, wr, b, body, worker).await {
+                Attempt::Head(up, head) => {
+                    return relay_body(shard, watch, wr, b, worker, up, head, close).await
+                }
+                Attempt::Retry { error, same_worker } => {
+                    last_error = error;
+                    if !same_worker {
+                        break;
+                    }
+                }
+                Attempt::Done(next) => return next,
+            }
+        }
+    }
+    let e = ApiError::new(502, format!("no worker could take the request: {last_error}"));
+    respond_error(wr, b, &e, close).await;
+    Next::KeepAlive
+}
+
+async fn attempt<W: Future<Output = BufResult<usize, Vec<u8>>>>(
+    shard: &Shard,
+    watch: &mut Watch<'_, W>,
+    wr: &mut ClientWr,
+    b: &mut Buffers,
+    body: &Body,
+    worker: usize,
+) -> Attempt {
+    let close = !b.head.keep_alive;
+    let w = shard.workers.get(worker);
+    let (mut up, reused) = match watch.guard(checkout(shard, worker)).await {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
+            return Attempt::Retry {
+                error: format!("connect to {}: {e}", w.url),
+                same_worker: false,
+            }
+        }
+        Err(i) => return Attempt::Done(interrupted(wr, b, i, close).await),
+    };
+
+    // The upstream request: head, then the body (in the same write when small).
+    let s = b.start;
+    let head_len = b.head.len;
+    let (body_len, inline) = match body {
+        Body::Inline(n) => (*n, true),
+        Body::Decoded { .. } => (b.decoded.len(), false),
+    };
+    b.out.clear();
+    write_upstream_head(
+        &mut b.out,
+        &b.inbuf[s..s + head_len],
+        &b.head,
+        &w.authority,
+        &b.rid,
+        body_len,
+    );
+    let coalesce = body_len <= COALESCE_BODY;
+    if coalesce {
+        if inline {
+            b.out.extend_from_slice(&b.inbuf[s + head_len..s + head_len + body_len]);
+        } else {
+            b.out.extend_from_slice(&b.decoded);
+        }
+    }
+    let sent = match watch.guard(up.write_all(std::mem::take(&mut b.out))).await {
+        Ok((res, out)) => {
+            b.out = out;
+            res
+        }
+        Err(i) => {
+            abort_upstream(&up);
+            return Attempt::Done(interrupted(wr, b, i, close).await);
+        }
+    };
+    let sent = match sent {
+        Ok(_) if !coalesce && body_len > 0 => {
+            let (buf, range) = if inline {
+                (std::mem::take(&mut b.inbuf), s + head_len..s + head_len + body_len)
+            } else {
+                (std::mem::take(&mut b.decoded), 0..body_len)
+            };
+            match watch.guard(up.write_all(buf.slice(range))).await {
+                Ok((res, slice)) => {
+                    if inline {
+                        b.inbuf = slice.into_inner();
+                    } else {
+                        b.decoded = slice.into_inner();
+                    }
+                    res
+                }
+                Err(i) => {
+                    abort_upstream(&up);
+                    return Attempt::Done(interrupted(wr, b, i, true).await);
+                }
+            }
+        }
+        other => other,
+    };
+    if let Err(e) = sent {
+        abort_upstream(&up);
+        // Nothing was read back, so the worker did not act on a partial request.
+        return Attempt::Retry {
+            error: format!("write to {}: {e}", w.url),
+            same_worker: reused,
+        };
+    }
+
+    // The response head.
+    b.upbuf.clear();
+    if b.upbuf.capacity() < UPBUF {
+        b.upbuf.reserve(UPBUF);
+    }
+    let is_head = b.head.method() == Method::Head;
+    loop {
+        match ResponseHead::parse(&b.upbuf, is_head) {
+            Ok(Some(head)) if (100..200).contains(&head.status) && head.status != 101 => {
+                // An interim response (100 Continue): drop it, the real head follows.
+                b.upbuf.drain(..head.len);
+                continue;
+            }
+            Ok(Some(head)) => return Attempt::Head(up, head),
+            Ok(None) if b.upbuf.len() >= MAX_RESPONSE_HEAD => {
+                abort_upstream(&up);
+                return bad_gateway(wr, b, "worker response head too large", close).await;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                abort_upstream(&up);
+                return bad_gateway(wr, b, &format!("malformed worker response: {e:?}"), close)
+                    .await;
+            }
+        }
+        if b.upbuf.capacity() - b.upbuf.len() < 1024 {
+            b.upbuf.reserve(b.upbuf.capacity());
+        }
+        let buf = std::mem::take(&mut b.upbuf);
+        let len = buf.len();
+        match watch.guard(up.read(buf.slice_mut(len..))).await {
+            Ok((res, slice)) => {
+                b.upbuf = slice.into_inner();
+                match res {
+                    Ok(n) if n > 0 => {}
+                    Ok(_) | Err(_) if reused && b.upbuf.is_empty() => {
+                        // The worker closed an idle connection as we reused it.
+                        return Attempt::Retry {
+                            error: format!("{} closed a pooled connection", w.url),
+                            same_worker: true,
+                        };
+                    }
+                    Ok(_) => {
+                        return bad_gateway(
+                            wr,
+                            b,
+                            &format!("{} closed the connection before responding", w.url),
+                            close,
+                        )
+                        .await
+                    }
+                    Err(e) => {
+                        return bad_gateway(wr, b, &format!("reading from {}: {e}", w.url), close)
+                            .await
+                    }
+                }
+            }
+            Err(i) => {
+                abort_upstream(&up);
+                return Attempt::Done(interrupted(wr, b, i, close).await);
+            }
+        }
+    }
+}
+
+async fn bad_gateway(wr: &mut ClientWr, b: &mut Buffers, msg: &str, close: bool) -> Attempt {
+    let e = ApiError::new(502, msg);
+    Attempt::Done(if respond_error(wr, b, &e, close).await {
+        Next::KeepAlive
+    } else {
+        Next::Close
+    })
+}
+
+/// Before any response byte went to the client: a timeout is a 504; a client that left
+/// gets nothing.
+async fn interrupted(wr: &mut ClientWr, b: &mut Buffers, i: Interrupt, close: bool) -> Next {
+    match i {
+        Interrupt::ClientGone => Next::Close,
+        Interrupt::TimedOut => {
+            let e = ApiError::new(504, "the worker did not answer within --request-timeout-secs");
+            respond_error(wr, b, &e, close).await;
+            Next::Close
+        }
+    }
+}
+
+/// How much of the body is still to come.
+enum BodyLeft {
+    Done,
+    Length(u64),
+    Chunked(ChunkedDecoder),
+    UntilClose,
+}
+
+impl BodyLeft {
+    /// Consumes what of `bytes` belongs to the body; returns that count.
+    fn take(&mut self, bytes: &[u8]) -> Result<usize, ()> {
+        match self {
+            BodyLeft::Done => Ok(0),
+            BodyLeft::Length(left) => {
+                let n = (*left).min(bytes.len() as u64);
+                *left -= n;
+                if *left == 0 {
+                    *self = BodyLeft::Done;
+                }
+                Ok(n as usize)
+            }
+            BodyLeft::Chunked(d) => {
+                let n = d.feed(bytes, None).map_err(|_| ())?;
+                if d.is_done() {
+                    *self = BodyLeft::Done;
+                }
+                Ok(n)
+            }
+            BodyLeft::UntilClose => Ok(bytes.len()),
+        }
+    }
+}
+
+/// Phase 5: the head to the client, then body bytes as they arrive, unmodified.
+#[allow(clippy::too_many_arguments)]
+async fn relay_body<W: Future<Output = BufResult<usize, Vec<u8>>>>(
+    shard: &Shard,
+    watch: &mut Watch<'_, W>,
+    wr: &mut ClientWr,
+    b: &mut Buffers,
+    worker: usize,
+    mut up: TcpStream,
+    head: ResponseHead,
+    close_client: bool,
+) -> Next {
+    let mut left = match head.framing {
+        ResponseFraming::None => BodyLeft::Done,
+        ResponseFraming::Length(0) => BodyLeft::Done,
+        ResponseFraming::Length(n) => BodyLeft::Length(n),
+        ResponseFraming::Chunked => BodyLeft::Chunked(ChunkedDecoder::new()),
+        ResponseFraming::UntilClose => BodyLeft::UntilClose,
+    };
+    let mut reusable = head.reusable;
+    b.out.clear();
+    write_client_head(&mut b.out, &b.upbuf, &head, &b.rid, close_client);
+    let early = &b.upbuf[head.len..];
+    let Ok(n) = left.take(early) else {
+        abort_upstream(&up);
+        return Next::Close;
+    };
+    if n < early.len() {
+        reusable = false;
+    }
+    b.out.extend_from_slice(&early[..n]);
+    if !flush_out(wr, b).await {
+        abort_upstream(&up);
+        return Next::Close;
+    }
+    while !matches!(left, BodyLeft::Done) {
+        let mut buf = std::mem::take(&mut b.upbuf);
+        buf.clear();
+        let (res, buf) = match watch.guard(up.read(buf)).await {
+            Ok(r) => r,
+            Err(_) => {
+                // Client gone or deadline passed mid-body: the worker must stop now.
+                abort_upstream(&up);
+                return Next::Close;
+            }
+        };
+        let got = match res {
+            Ok(n) => n,
+            Err(_) => 0,
+        };
+        if got == 0 {
+            b.upbuf = buf;
+            if let BodyLeft::UntilClose = left {
+                return Next::Close;
+            }
+            // Truncated by the worker: close the client connection so it sees the failure.
+            return Next::Close;
+        }
+        let n = match left.take(&buf[..got]) {
+            Ok(n) => n,
+            Err(()) => {
+                abort_upstream(&up);
+                return Next::Close;
+            }
+        };
+        if n < got {
+            reusable = false;
+        }
+        let (res, slice) = wr.write_all(buf.slice(0..n)).await;
+        b.upbuf = slice.into_inner();
+        if res.is_err() {
+            abort_upstream(&up);
+            return Next::Close;
+        }
+        // Grow the read size for large bodies: a full read suggests more is waiting.
+        if got == b.upbuf.capacity() && got < 256 * 1024 {
+            b.upbuf.reserve(got * 2);
+        }
+    }
+    if reusable {
+        shard.pool.borrow_mut().put(worker, up);
+    }
+    if close_client {
+        Next::Close
+    } else {
+        Next::KeepAlive
+    }
+}

@@ -1,0 +1,11 @@
+//! The workers a shard can route to and the policy that orders them for a request.
+//!
+//! A policy does not return one worker: it returns the candidates in preference order
+//! (as Pingora's `BackendSelection::iter`), and the proxy walks them until one is usable.
+//! One mechanism serves connect-failure fallback now and health skipping and retries later.
+
+mod policy;
+mod worker;
+
+pub use policy::{Candidates, Policy, Selector};
+pub use worker::{parse_worker_url, Worker, WorkerSet, WorkerUrlError};

@@ -1,0 +1,181 @@
+//! A shard: one thread, one monoio runtime, optionally pinned to one core, with its own
+//! SO_REUSEPORT listener and its own connection pools and policy state. This module owns
+//! the per-core lifecycle (driver choice, pinning, binding, accepting); what happens on a
+//! connection is `proxy`'s.
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use monoio::net::{ListenerOpts, TcpListener};
+use monoio::time::TimeDriver;
+use monoio::{FusionRuntime, IoUringDriver, LegacyDriver, RuntimeBuilder};
+
+use crate::config::{DataPlaneConfig, IoDriver};
+use crate::proxy::{serve_connection, Shard};
+use crate::route::Selector;
+use crate::upstream::Pool;
+
+/// What a shard reports once it is serving.
+#[derive(Clone, Debug)]
+pub struct ShardInfo {
+    pub id: usize,
+    /// `io_uring` or `epoll`.
+    pub driver: &'static str,
+    pub core: Option<usize>,
+}
+
+/// The running data plane.
+pub struct DataPlane {
+    pub local_addr: SocketAddr,
+    pub shards: Vec<ShardInfo>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl DataPlane {
+    /// Blocks until every shard thread ends (they serve until the process exits).
+    pub fn join(self) {
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+type Runtime = FusionRuntime<TimeDriver<IoUringDriver>, TimeDriver<LegacyDriver>>;
+
+/// io_uring submission queue size per shard.
+const URING_ENTRIES: u32 = 4096;
+
+fn build_runtime(driver: IoDriver) -> Result<(Runtime, &'static str), String> {
+    let rt: Runtime = match driver {
+        IoDriver::Auto => RuntimeBuilder::<monoio::FusionDriver>::new()
+            .with_entries(URING_ENTRIES)
+            .enable_timer()
+            .build()
+            .map_err(|e| format!("cannot start the io runtime: {e}"))?,
+        IoDriver::Uring => RuntimeBuilder::<IoUringDriver>::new()
+            .with_entries(URING_ENTRIES)
+            .enable_timer()
+            .build()
+            .map_err(|e| {
+                format!(
+                    "--io-driver uring: io_uring is not available ({e}); a seccomp profile \
+                     (Docker's default) or the kernel refuses it. Use --io-driver auto or epoll, \
+                     or allow io_uring_setup/io_uring_enter/io_uring_register"
+                )
+            })?
+            .into(),
+        IoDriver::Epoll => RuntimeBuilder::<LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .map_err(|e| format!("cannot start the epoll runtime: {e}"))?
+            .into(),
+    };
+    let name = match rt {
+        FusionRuntime::Uring(_) => "io_uring",
+        FusionRuntime::Legacy(_) => "epoll",
+    };
+    Ok((rt, name))
+}
+
+/// Starts every shard and returns once all of them listen, or with the first error.
+pub fn start(cfg: DataPlaneConfig) -> Result<DataPlane, String> {
+    let cores = if cfg.pin_cores {
+        core_affinity::get_core_ids().unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let mut listen = cfg.listen;
+    let mut infos = Vec::with_capacity(cfg.shards);
+    let mut threads = Vec::with_capacity(cfg.shards);
+    // Shard 0 binds first so that port 0 resolves to one port that the others share.
+    for id in 0..cfg.shards {
+        let core = if cores.is_empty() {
+            None
+        } else {
+            Some(cores[id % cores.len()])
+        };
+        let (tx, rx) = mpsc::channel::<Result<(ShardInfo, SocketAddr), String>>();
+        let mut shard_cfg = cfg.clone();
+        shard_cfg.listen = listen;
+        let t = std::thread::Builder::new()
+            .name(format!("shard-{id}"))
+            .spawn(move || run_shard(id, core, shard_cfg, tx))
+            .map_err(|e| format!("cannot spawn shard thread: {e}"))?;
+        match rx.recv() {
+            Ok(Ok((info, addr))) => {
+                listen = addr;
+                infos.push(info);
+                threads.push(t);
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(format!("shard {id} died during start")),
+        }
+    }
+    Ok(DataPlane {
+        local_addr: listen,
+        shards: infos,
+        threads,
+    })
+}
+
+fn run_shard(
+    id: usize,
+    core: Option<core_affinity::CoreId>,
+    cfg: DataPlaneConfig,
+    ready: mpsc::Sender<Result<(ShardInfo, SocketAddr), String>>,
+) {
+    let pinned = core.filter(|c| core_affinity::set_for_current(*c)).map(|c| c.id);
+    let (mut rt, driver) = match build_runtime(cfg.io_driver) {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    rt.block_on(async move {
+        let opts = ListenerOpts::new().reuse_port(true).backlog(4096);
+        let listener = match TcpListener::bind_with_config(cfg.listen, &opts) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = ready.send(Err(format!("cannot listen on {}: {e}", cfg.listen)));
+                return;
+            }
+        };
+        let addr = listener.local_addr().unwrap_or(cfg.listen);
+        tracing::info!(shard = id, driver, core = ?pinned, listen = %addr, "shard started");
+        let info = ShardInfo {
+            id,
+            driver,
+            core: pinned,
+        };
+        let _ = ready.send(Ok((info, addr)));
+        let shard = Rc::new(Shard {
+            id,
+            selector: RefCell::new(Selector::new(cfg.policy, id)),
+            pool: RefCell::new(Pool::new(
+                cfg.workers.len(),
+                cfg.pool_max_idle_per_worker,
+                cfg.upstream_idle_timeout,
+            )),
+            ids: crate::proxy::RequestIds::new(id),
+            workers: cfg.workers.clone(),
+            cfg,
+        });
+        loop {
+            match listener.accept().await {
+                Ok((stream, _peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    monoio::spawn(serve_connection(shard.clone(), stream));
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(shard = id, error = %e, "accept failed");
+                    monoio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            }
+        }
+    });
+}

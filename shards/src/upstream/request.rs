@@ -1,0 +1,85 @@
+//! The request head sent to a worker: the client's method, path and end-to-end headers;
+//! `Host` is the worker's; the body is always sent with a Content-Length (a chunked client
+//! body has been decoded by then); the request id is the one the client sees.
+
+use crate::http::RequestHead;
+
+use super::{is_hop_by_hop, listed_in_connection};
+
+/// Headers the proxy sets itself, so the client's copies are dropped.
+fn set_by_proxy(name: &[u8]) -> bool {
+    const OWN: [&[u8]; 5] = [
+        b"host",
+        b"content-length",
+        b"transfer-encoding",
+        b"expect",
+        b"x-request-id",
+    ];
+    OWN.iter().any(|h| h.eq_ignore_ascii_case(name))
+}
+
+/// Writes the upstream request head for `req` (whose spans index `head`) into `out`.
+pub fn write_upstream_head(
+    out: &mut Vec<u8>,
+    head: &[u8],
+    req: &RequestHead,
+    authority: &str,
+    request_id: &[u8],
+    body_len: usize,
+) {
+    out.extend_from_slice(&head[req.method_span.clone()]);
+    out.push(b' ');
+    out.extend_from_slice(&head[req.path.clone()]);
+    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    out.extend_from_slice(authority.as_bytes());
+    out.extend_from_slice(b"\r\n");
+
+    let mut connection_values: [&[u8]; 4] = [b""; 4];
+    let mut nconn = 0;
+    for h in &req.headers {
+        if h.name(head).eq_ignore_ascii_case(b"connection") && nconn < 4 {
+            connection_values[nconn] = h.value(head);
+            nconn += 1;
+        }
+    }
+    for h in &req.headers {
+        let name = h.name(head);
+        if set_by_proxy(name)
+            || is_hop_by_hop(name)
+            || (nconn > 0 && listed_in_connection(&connection_values[..nconn], name))
+        {
+            continue;
+        }
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(h.value(head));
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"x-request-id: ");
+    out.extend_from_slice(request_id);
+    out.extend_from_slice(b"\r\n");
+    if body_len > 0 || req.method() == crate::http::Method::Post {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(itoa::Buffer::new().format(body_len).as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_dropped_host_rewritten_id_set() {
+        let raw = b"POST /v1/completions?x=1 HTTP/1.1\r\nHost: router:30000\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\nTE: trailers\r\nAuthorization: Bearer k\r\nTraceparent: 00-abc-01\r\nX-Request-Id: client-id\r\n\r\n";
+        let mut req = RequestHead::default();
+        req.parse(raw, 8192).unwrap();
+        let mut out = Vec::new();
+        write_upstream_head(&mut out, raw, &req, "127.0.0.1:8000", b"client-id", 5);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "POST /v1/completions?x=1 HTTP/1.1\r\nhost: 127.0.0.1:8000\r\nAuthorization: Bearer k\r\nTraceparent: 00-abc-01\r\nx-request-id: client-id\r\ncontent-length: 5\r\n\r\n"
+        );
+    }
+}
