@@ -2,7 +2,9 @@
 //! on loopback give the router something to route to.
 
 mod cli;
+mod demo;
 
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -16,12 +18,30 @@ fn main() -> ExitCode {
         .unwrap_or_else(|_| EnvFilter::new(format!("{},monoio=warn", cli.log_level)));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
 
-    let worker_urls = cli.worker_urls.clone();
-    if worker_urls.is_empty() && !cli.demo {
-        tracing::warn!("no --worker-urls given: every routed request will get 503 until workers exist");
+    // The demo's workers live as long as the process.
+    let demo = if cli.demo {
+        match demo::start_workers() {
+            Ok(d) => Some(d),
+            Err(e) => {
+                eprintln!("error: cannot start the demo's mock workers: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    } else {
+        None
+    };
+    let mut worker_urls = cli.worker_urls.clone();
+    if let Some(d) = &demo {
+        worker_urls.extend(d.urls());
+    }
+    if worker_urls.is_empty() {
+        tracing::warn!(
+            "no --worker-urls given: every routed request will get 503 until workers exist"
+        );
     }
     let cfg = match cli.data_plane_config(&worker_urls) {
         Ok(c) => c,
@@ -38,7 +58,22 @@ fn main() -> ExitCode {
         }
     };
     let drivers: Vec<&str> = plane.shards.iter().map(|s| s.driver).collect();
-    tracing::info!(listen = %plane.local_addr, shards = plane.shards.len(), ?drivers, policy = %cli.policy, workers = worker_urls.len(), "ringrouter ready");
+    tracing::info!(
+        listen = %plane.local_addr,
+        shards = plane.shards.len(),
+        ?drivers,
+        policy = %cli.policy,
+        workers = worker_urls.len(),
+        "ringrouter ready"
+    );
+    // One plain line on stdout for scripts and tests to wait for.
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "ringrouter listening on http://{}", plane.local_addr);
+    if demo.is_some() {
+        let _ = writeln!(out, "{}", demo::curl_line(plane.local_addr));
+    }
+    let _ = out.flush();
+    drop(out);
     plane.join();
     ExitCode::SUCCESS
 }

@@ -1,0 +1,53 @@
+//! The io driver: each shard reports the driver it got; under a seccomp filter that refuses
+//! io_uring (Docker's default profile), `auto` falls back to epoll and serves, and `uring`
+//! refuses to start with a clear message.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::*;
+
+/// Builds the nouring wrapper (../shared/tools/nouring.c, copied in tools/) once.
+fn nouring() -> PathBuf {
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tools/nouring/nouring.c");
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("nouring");
+    if !out.exists() {
+        let st = Command::new("cc").args(["-O2", "-o"]).arg(&out).arg(&src).status().expect("cc");
+        assert!(st.success(), "building nouring");
+    }
+    out
+}
+
+#[test]
+fn auto_falls_back_to_epoll_without_io_uring_and_serves() {
+    let m = mocks(1, |_| {});
+    let r = Router::start_with(
+        Some(nouring().to_str().unwrap()),
+        &["--worker-urls", &m[0].url(), "--shards", "2", "--io-driver", "auto"],
+    )
+    .expect("starts under nouring");
+    assert!(r.log().contains("driver=\"epoll\""), "{}", r.log());
+    let resp = exchange(r.addr, &post_json("/v1/completions", r#"{"model":"mock-model","prompt":"x","max_tokens":4,"stream":true}"#));
+    assert_eq!(resp.status, 200);
+    assert!(resp.text().ends_with("data: [DONE]\n\n"));
+}
+
+#[test]
+fn uring_refuses_to_start_without_io_uring() {
+    let err = Router::start_with(Some(nouring().to_str().unwrap()), &["--io-driver", "uring"])
+        .err()
+        .expect("must not start");
+    assert!(err.contains("--io-driver uring") && err.contains("io_uring"), "{err}");
+}
+
+#[test]
+fn epoll_can_be_chosen() {
+    let m = mocks(1, |_| {});
+    let r = Router::start(&["--worker-urls", &m[0].url(), "--io-driver", "epoll"]);
+    assert!(r.log().contains("driver=\"epoll\""));
+    let resp = exchange(r.addr, &post_json("/v1/chat/completions", r#"{"model":"mock-model","messages":[{"role":"user","content":"x"}],"stream":true}"#));
+    assert_eq!(resp.status, 200);
+    assert!(resp.text().ends_with("data: [DONE]\n\n"));
+}
