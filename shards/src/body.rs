@@ -41,7 +41,12 @@ pub fn parse_fields(body: &[u8]) -> Result<RequestFields<'_>, BodyError> {
     }
     sonic_rs::from_slice::<FieldsSeed>(body)
         .map(|f| f.0)
-        .map_err(|e| BodyError(format!("request body is not valid JSON: {e}")))
+        .map_err(|e| {
+            // sonic-rs appends a multi-line excerpt of the input; the first line says it all.
+            let msg = e.to_string();
+            let first = msg.lines().next().unwrap_or("").trim_end();
+            BodyError(format!("request body is not valid JSON: {first}"))
+        })
 }
 
 struct FieldsSeed<'a>(RequestFields<'a>);
