@@ -104,7 +104,8 @@ fn parse_policy(s: &str) -> Result<Policy, String> {
 impl Cli {
     /// The data plane's configuration for these flags and the given worker URLs.
     pub fn data_plane_config(&self, worker_urls: &[String]) -> Result<DataPlaneConfig, String> {
-        let workers = WorkerSet::from_urls(worker_urls).map_err(|e| format!("--worker-urls: {e}"))?;
+        let workers =
+            WorkerSet::from_urls(worker_urls).map_err(|e| format!("--worker-urls: {e}"))?;
         let mut cfg = DataPlaneConfig::new(SocketAddr::new(self.host, self.port), workers);
         cfg.shards = match self.shards {
             Some(n) => n as usize,
@@ -161,15 +162,33 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_flag() {
-        let e = Cli::try_parse_from(["ringrouter", "--port", "70000"]).unwrap_err().to_string();
+        let e = Cli::try_parse_from(["ringrouter", "--port", "70000"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--port"), "{e}");
-        let e = Cli::try_parse_from(["ringrouter", "--policy", "cache_aware"]).unwrap_err().to_string();
-        assert!(e.contains("--policy") && e.contains("not available yet"), "{e}");
-        let e = Cli::try_parse_from(["ringrouter", "--policy", "fastest"]).unwrap_err().to_string();
+        let e = Cli::try_parse_from(["ringrouter", "--policy", "cache_aware"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--policy") && e.contains("not available yet"),
+            "{e}"
+        );
+        let e = Cli::try_parse_from(["ringrouter", "--policy", "fastest"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--policy") && e.contains("round_robin"), "{e}");
-        let e = Cli::try_parse_from(["ringrouter", "--io-driver", "kqueue"]).unwrap_err().to_string();
+        let e = Cli::try_parse_from(["ringrouter", "--io-driver", "kqueue"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--io-driver"), "{e}");
-        let cli = Cli::try_parse_from(["ringrouter", "--policy", "random", "--worker-urls", "localhost:8000"]).unwrap();
+        let cli = Cli::try_parse_from([
+            "ringrouter",
+            "--policy",
+            "random",
+            "--worker-urls",
+            "localhost:8000",
+        ])
+        .unwrap();
         let e = cli.data_plane_config(&cli.worker_urls).unwrap_err();
         assert!(e.contains("--worker-urls"), "{e}");
     }

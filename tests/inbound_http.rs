@@ -37,7 +37,8 @@ fn keep_alive_serves_many_requests_on_one_connection() {
     let mut s = r.connect();
     let mut pending = Vec::new();
     for i in 0..20 {
-        s.write_all(&post_json("/v1/completions", &completion(i % 2 == 0))).unwrap();
+        s.write_all(&post_json("/v1/completions", &completion(i % 2 == 0)))
+            .unwrap();
         let resp = read_response_from(&mut s, &mut pending, false).unwrap();
         assert_eq!(resp.status, 200);
         assert!(resp.header("connection").is_none());
@@ -50,12 +51,17 @@ fn pipelined_requests_are_answered_in_order() {
     let mut s = r.connect();
     let mut all = Vec::new();
     for i in 0..5 {
-        let body = format!(r#"{{"model":"mock-model","prompt":"p","max_tokens":{}}}"#, i + 1);
+        let body = format!(
+            r#"{{"model":"mock-model","prompt":"p","max_tokens":{}}}"#,
+            i + 1
+        );
         let mut req = post_json("/v1/completions", &body);
         // Tag each request so the answers can be matched to them.
-        let tagged = String::from_utf8(req.clone())
-            .unwrap()
-            .replacen("Host: router\r\n", &format!("Host: router\r\nX-Request-Id: req-{i}\r\n"), 1);
+        let tagged = String::from_utf8(req.clone()).unwrap().replacen(
+            "Host: router\r\n",
+            &format!("Host: router\r\nX-Request-Id: req-{i}\r\n"),
+            1,
+        );
         req = tagged.into_bytes();
         all.extend_from_slice(&req);
     }
@@ -65,7 +71,10 @@ fn pipelined_requests_are_answered_in_order() {
     for i in 0..5 {
         let resp = read_response_from(&mut s, &mut pending, false).unwrap();
         assert_eq!(resp.status, 200);
-        assert_eq!(resp.header("x-request-id"), Some(format!("req-{i}").as_str()));
+        assert_eq!(
+            resp.header("x-request-id"),
+            Some(format!("req-{i}").as_str())
+        );
         assert_eq!(resp.json()["usage"]["completion_tokens"], i + 1);
     }
     let health = read_response_from(&mut s, &mut pending, false).unwrap();
@@ -87,7 +96,10 @@ fn chunked_request_body_is_decoded_and_forwarded_with_a_length() {
     let got: Vec<_> = m.iter().flat_map(|m| m.received()).collect();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].body, body.as_bytes());
-    let te = got[0].headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("transfer-encoding"));
+    let te = got[0]
+        .headers
+        .iter()
+        .any(|(n, _)| n.eq_ignore_ascii_case("transfer-encoding"));
     assert!(!te, "the worker gets a Content-Length body");
 }
 
@@ -126,7 +138,11 @@ fn connection_close_is_honoured() {
     let mut s = r.connect();
     let req = String::from_utf8(post_json("/v1/completions", &completion(true)))
         .unwrap()
-        .replacen("Host: router\r\n", "Host: router\r\nConnection: close\r\n", 1);
+        .replacen(
+            "Host: router\r\n",
+            "Host: router\r\nConnection: close\r\n",
+            1,
+        );
     s.write_all(req.as_bytes()).unwrap();
     let resp = read_response(&mut s);
     assert_eq!(resp.status, 200);
@@ -167,7 +183,10 @@ fn head_gets_headers_only() {
 #[test]
 fn header_block_too_large_is_431() {
     let (r, _m) = router_with_mocks(&["--max-header-size", "4096"]);
-    let raw = format!("GET /health HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(5000));
+    let raw = format!(
+        "GET /health HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(5000)
+    );
     let resp = exchange(r.addr, raw.as_bytes());
     assert_eq!(resp.status, 431);
     resp.error_message();
@@ -177,7 +196,10 @@ fn header_block_too_large_is_431() {
 #[test]
 fn body_over_max_payload_size_is_413() {
     let (r, _m) = router_with_mocks(&["--max-payload-size", "1000"]);
-    let body = format!(r#"{{"model":"mock-model","prompt":"{}"}}"#, "x".repeat(2000));
+    let body = format!(
+        r#"{{"model":"mock-model","prompt":"{}"}}"#,
+        "x".repeat(2000)
+    );
     let resp = exchange(r.addr, &post_json("/v1/completions", &body));
     assert_eq!(resp.status, 413);
     resp.error_message();
@@ -219,18 +241,30 @@ fn smuggling_shapes_are_400() {
         assert_eq!(resp.status, 400, "{:?}", String::from_utf8_lossy(raw));
         resp.error_message();
     }
-    assert_eq!(m.iter().map(|m| m.stats().requests).sum::<u64>(), 0, "nothing reached a worker");
+    assert_eq!(
+        m.iter().map(|m| m.stats().requests).sum::<u64>(),
+        0,
+        "nothing reached a worker"
+    );
     assert_still_serving(&r);
 }
 
 #[test]
 fn invalid_json_on_a_json_route_is_400_without_a_worker_round_trip() {
     let (r, m) = router_with_mocks(&[]);
-    for path in ["/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/generate"] {
+    for path in [
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/embeddings",
+        "/v1/responses",
+        "/generate",
+    ] {
         for body in ["{\"model\": ", "[1,2]", "", "{\"stream\": \"yes\"}"] {
             let resp = exchange(r.addr, &post_json(path, body));
             assert_eq!(resp.status, 400, "{path} {body:?}");
-            assert!(resp.error_message().contains("JSON") || resp.error_message().contains("stream"));
+            assert!(
+                resp.error_message().contains("JSON") || resp.error_message().contains("stream")
+            );
         }
     }
     assert_eq!(m.iter().map(|m| m.stats().requests).sum::<u64>(), 0);
@@ -239,7 +273,12 @@ fn invalid_json_on_a_json_route_is_400_without_a_worker_round_trip() {
 
 #[test]
 fn slow_or_idle_clients_are_closed_after_the_timeout() {
-    let (r, _m) = router_with_mocks(&["--client-header-timeout-secs", "1", "--client-keepalive-timeout-secs", "1"]);
+    let (r, _m) = router_with_mocks(&[
+        "--client-header-timeout-secs",
+        "1",
+        "--client-keepalive-timeout-secs",
+        "1",
+    ]);
     // Slow head: half a request line, then nothing.
     let mut slow = r.connect();
     slow.write_all(b"GET /health HT").unwrap();
@@ -280,12 +319,19 @@ fn unknown_paths_are_proxied_as_is() {
     let seen2 = seen.clone();
     let up = RawUpstream::spawn(move |mut s| {
         while let Some((head, _)) = read_request(&mut s) {
-            seen2.lock().unwrap().push(head.lines().next().unwrap().to_string());
-            s.write_all(b"HTTP/1.1 418 I'm a teapot\r\ncontent-length: 2\r\n\r\nhi").unwrap();
+            seen2
+                .lock()
+                .unwrap()
+                .push(head.lines().next().unwrap().to_string());
+            s.write_all(b"HTTP/1.1 418 I'm a teapot\r\ncontent-length: 2\r\n\r\nhi")
+                .unwrap();
         }
     });
     let r = Router::start(&["--worker-urls", &up.url]);
-    let resp = exchange(r.addr, b"DELETE /custom/path?x=1&y=%20 HTTP/1.1\r\nHost: x\r\n\r\n");
+    let resp = exchange(
+        r.addr,
+        b"DELETE /custom/path?x=1&y=%20 HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
     assert_eq!(resp.status, 418);
     assert_eq!(resp.text(), "hi");
     assert_eq!(
@@ -295,4 +341,22 @@ fn unknown_paths_are_proxied_as_is() {
     let (r2, _m) = router_with_mocks(&[]);
     let metrics = exchange(r2.addr, &get("/metrics"));
     assert!(metrics.text().contains("vllm:num_requests_running"));
+}
+
+#[test]
+fn http_1_0_client_gets_a_streamed_body_without_chunk_framing() {
+    let (r, _m) = router_with_mocks(&[]);
+    let body = r#"{"model":"mock-model","prompt":"x","max_tokens":3,"stream":true}"#;
+    let raw = format!(
+        "POST /v1/completions HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let resp = exchange(r.addr, raw.as_bytes());
+    assert_eq!(resp.status, 200);
+    assert!(resp.header("transfer-encoding").is_none());
+    assert_eq!(resp.header("connection"), Some("close"));
+    let text = resp.text();
+    assert!(text.starts_with("data: {"), "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert_eq!(text.matches("data: ").count(), 4);
 }

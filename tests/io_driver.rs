@@ -14,7 +14,12 @@ fn nouring() -> PathBuf {
     let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tools/nouring/nouring.c");
     let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("nouring");
     if !out.exists() {
-        let st = Command::new("cc").args(["-O2", "-o"]).arg(&out).arg(&src).status().expect("cc");
+        let st = Command::new("cc")
+            .args(["-O2", "-o"])
+            .arg(&out)
+            .arg(&src)
+            .status()
+            .expect("cc");
         assert!(st.success(), "building nouring");
     }
     out
@@ -25,11 +30,24 @@ fn auto_falls_back_to_epoll_without_io_uring_and_serves() {
     let m = mocks(1, |_| {});
     let r = Router::start_with(
         Some(nouring().to_str().unwrap()),
-        &["--worker-urls", &m[0].url(), "--shards", "2", "--io-driver", "auto"],
+        &[
+            "--worker-urls",
+            &m[0].url(),
+            "--shards",
+            "2",
+            "--io-driver",
+            "auto",
+        ],
     )
     .expect("starts under nouring");
     assert!(r.log().contains("driver=\"epoll\""), "{}", r.log());
-    let resp = exchange(r.addr, &post_json("/v1/completions", r#"{"model":"mock-model","prompt":"x","max_tokens":4,"stream":true}"#));
+    let resp = exchange(
+        r.addr,
+        &post_json(
+            "/v1/completions",
+            r#"{"model":"mock-model","prompt":"x","max_tokens":4,"stream":true}"#,
+        ),
+    );
     assert_eq!(resp.status, 200);
     assert!(resp.text().ends_with("data: [DONE]\n\n"));
 }
@@ -39,7 +57,10 @@ fn uring_refuses_to_start_without_io_uring() {
     let err = Router::start_with(Some(nouring().to_str().unwrap()), &["--io-driver", "uring"])
         .err()
         .expect("must not start");
-    assert!(err.contains("--io-driver uring") && err.contains("io_uring"), "{err}");
+    assert!(
+        err.contains("--io-driver uring") && err.contains("io_uring"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -47,7 +68,13 @@ fn epoll_can_be_chosen() {
     let m = mocks(1, |_| {});
     let r = Router::start(&["--worker-urls", &m[0].url(), "--io-driver", "epoll"]);
     assert!(r.log().contains("driver=\"epoll\""));
-    let resp = exchange(r.addr, &post_json("/v1/chat/completions", r#"{"model":"mock-model","messages":[{"role":"user","content":"x"}],"stream":true}"#));
+    let resp = exchange(
+        r.addr,
+        &post_json(
+            "/v1/chat/completions",
+            r#"{"model":"mock-model","messages":[{"role":"user","content":"x"}],"stream":true}"#,
+        ),
+    );
     assert_eq!(resp.status, 200);
     assert!(resp.text().ends_with("data: [DONE]\n\n"));
 }

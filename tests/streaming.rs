@@ -41,9 +41,18 @@ fn sse_worker() -> RawUpstream {
 fn sse_body_reaches_the_client_byte_for_byte() {
     let up = sse_worker();
     let r = Router::start(&["--worker-urls", &up.url]);
-    let resp = exchange(r.addr, &post_json("/v1/completions", r#"{"model":"m","prompt":"x","stream":true}"#));
+    let resp = exchange(
+        r.addr,
+        &post_json(
+            "/v1/completions",
+            r#"{"model":"m","prompt":"x","stream":true}"#,
+        ),
+    );
     assert_eq!(resp.status, 200);
-    assert_eq!(resp.header("content-type"), Some("text/event-stream; charset=utf-8"));
+    assert_eq!(
+        resp.header("content-type"),
+        Some("text/event-stream; charset=utf-8")
+    );
     assert_eq!(resp.header("x-worker"), Some("raw"));
     let mut expected_wire = String::new();
     for c in SSE_CHUNKS {
@@ -51,7 +60,10 @@ fn sse_body_reaches_the_client_byte_for_byte() {
     }
     expected_wire.push_str("0\r\n\r\n");
     // Not re-chunked: the chunk framing itself is the worker's.
-    assert_eq!(String::from_utf8(resp.raw_body.clone()).unwrap(), expected_wire);
+    assert_eq!(
+        String::from_utf8(resp.raw_body.clone()).unwrap(),
+        expected_wire
+    );
     assert_eq!(String::from_utf8(resp.body).unwrap(), SSE_CHUNKS.concat());
 }
 
@@ -62,7 +74,9 @@ fn events_without_ids(body: &[u8]) -> Vec<String> {
         .split("\n\n")
         .filter(|e| !e.is_empty())
         .map(|e| {
-            let data = e.strip_prefix("data: ").unwrap_or_else(|| panic!("not an SSE event: {e:?}"));
+            let data = e
+                .strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("not an SSE event: {e:?}"));
             if data == "[DONE]" {
                 return data.to_string();
             }
@@ -79,7 +93,10 @@ fn streamed_completion_and_chat_equal_what_the_worker_sends() {
     let m = mocks(1, |c| c.itl = Duration::from_millis(1));
     let r = Router::start(&["--worker-urls", &m[0].url()]);
     let bodies = [
-        ("/v1/completions", r#"{"model":"mock-model","prompt":"Hello","max_tokens":8,"stream":true}"#),
+        (
+            "/v1/completions",
+            r#"{"model":"mock-model","prompt":"Hello","max_tokens":8,"stream":true}"#,
+        ),
         (
             "/v1/chat/completions",
             r#"{"model":"mock-model","messages":[{"role":"user","content":"Hi"}],"max_tokens":8,"stream":true,"stream_options":{"include_usage":true}}"#,
@@ -90,7 +107,10 @@ fn streamed_completion_and_chat_equal_what_the_worker_sends() {
         let routed = exchange(r.addr, &post_json(path, body));
         assert_eq!(routed.status, 200);
         assert_eq!(routed.header("content-type"), direct.header("content-type"));
-        let (d, rt) = (events_without_ids(&direct.body), events_without_ids(&routed.body));
+        let (d, rt) = (
+            events_without_ids(&direct.body),
+            events_without_ids(&routed.body),
+        );
         assert_eq!(rt, d, "{path}");
         assert_eq!(rt.last().map(String::as_str), Some("[DONE]"));
         assert!(rt.len() >= 9, "{path}: {} events", rt.len());
@@ -109,15 +129,21 @@ fn a_thousand_concurrent_streams_all_complete() {
     let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
     let r = Router::start(&a);
     let addr = r.addr;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let results: Vec<Result<usize, String>> = rt.block_on(async move {
         let mut tasks = Vec::new();
         for i in 0..1000 {
             tasks.push(tokio::spawn(async move {
                 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                let body = r#"{"model":"mock-model","prompt":"Hello","max_tokens":16,"stream":true}"#;
+                let body =
+                    r#"{"model":"mock-model","prompt":"Hello","max_tokens":16,"stream":true}"#;
                 let req = post_json("/v1/completions", body);
-                let mut s = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("{i}: connect {e}"))?;
+                let mut s = tokio::net::TcpStream::connect(addr)
+                    .await
+                    .map_err(|e| format!("{i}: connect {e}"))?;
                 s.write_all(&req).await.map_err(|e| e.to_string())?;
                 let mut all = Vec::new();
                 let mut buf = vec![0u8; 16384];
@@ -151,7 +177,12 @@ fn a_thousand_concurrent_streams_all_complete() {
         out
     });
     let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
-    assert!(failed.is_empty(), "{} failed, first: {:?}", failed.len(), failed.first());
+    assert!(
+        failed.is_empty(),
+        "{} failed, first: {:?}",
+        failed.len(),
+        failed.first()
+    );
     // 16 tokens + [DONE] in every stream.
     assert!(results.iter().all(|r| *r.as_ref().unwrap() == 17));
     let served: u64 = m.iter().map(|m| m.stats().streams_completed).sum();
@@ -167,8 +198,14 @@ fn upstream_connections_are_pooled_and_reused() {
     let r = Router::start(&a);
     // 40 sequential requests, half of them streamed, on fresh client connections.
     for i in 0..40 {
-        let body = format!(r#"{{"model":"mock-model","prompt":"x","max_tokens":2,"stream":{}}}"#, i % 2 == 0);
-        assert_eq!(exchange(r.addr, &post_json("/v1/completions", &body)).status, 200);
+        let body = format!(
+            r#"{{"model":"mock-model","prompt":"x","max_tokens":2,"stream":{}}}"#,
+            i % 2 == 0
+        );
+        assert_eq!(
+            exchange(r.addr, &post_json("/v1/completions", &body)).status,
+            200
+        );
     }
     let accepted: u64 = m.iter().map(|m| m.stats().connections_accepted).sum();
     let requests: u64 = m.iter().map(|m| m.stats().requests).sum();
@@ -180,13 +217,26 @@ fn upstream_connections_are_pooled_and_reused() {
 fn request_id_is_kept_or_generated_and_reaches_the_worker() {
     let m = mocks(1, |_| {});
     let r = Router::start(&["--worker-urls", &m[0].url()]);
-    let with_id = String::from_utf8(post_json("/v1/completions", r#"{"model":"mock-model","prompt":"x"}"#))
-        .unwrap()
-        .replacen("Host: router\r\n", "Host: router\r\nX-Request-Id: my-id-1\r\n", 1);
+    let with_id = String::from_utf8(post_json(
+        "/v1/completions",
+        r#"{"model":"mock-model","prompt":"x"}"#,
+    ))
+    .unwrap()
+    .replacen(
+        "Host: router\r\n",
+        "Host: router\r\nX-Request-Id: my-id-1\r\n",
+        1,
+    );
     let resp = exchange(r.addr, with_id.as_bytes());
     assert_eq!(resp.header("x-request-id"), Some("my-id-1"));
-    let resp = exchange(r.addr, &post_json("/v1/completions", r#"{"model":"mock-model","prompt":"x"}"#));
-    let generated = resp.header("x-request-id").expect("generated id").to_string();
+    let resp = exchange(
+        r.addr,
+        &post_json("/v1/completions", r#"{"model":"mock-model","prompt":"x"}"#),
+    );
+    let generated = resp
+        .header("x-request-id")
+        .expect("generated id")
+        .to_string();
     assert!(generated.len() >= 16);
     let ids: Vec<String> = m[0]
         .received()
@@ -237,7 +287,11 @@ fn client_leaving_mid_stream_closes_the_upstream_at_once_and_it_is_not_reused() 
     let mut worst = Duration::ZERO;
     for round in 0..3 {
         let mut s = r.connect();
-        s.write_all(&post_json("/v1/completions", r#"{"model":"m","prompt":"x","stream":true}"#)).unwrap();
+        s.write_all(&post_json(
+            "/v1/completions",
+            r#"{"model":"m","prompt":"x","stream":true}"#,
+        ))
+        .unwrap();
         let mut buf = [0u8; 4096];
         let mut got = Vec::new();
         while !String::from_utf8_lossy(&got).contains("data: {") {
@@ -251,7 +305,11 @@ fn client_leaving_mid_stream_closes_the_upstream_at_once_and_it_is_not_reused() 
         while closed_at.lock().unwrap().len() <= round && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));
         }
-        let at = *closed_at.lock().unwrap().get(round).expect("the router closed the upstream");
+        let at = *closed_at
+            .lock()
+            .unwrap()
+            .get(round)
+            .expect("the router closed the upstream");
         worst = worst.max(at.saturating_duration_since(left));
     }
     // Each round needed a new upstream connection: an aborted one is never reused.
@@ -265,15 +323,24 @@ fn worker_dropping_mid_stream_closes_the_client_without_a_clean_end() {
     let m = mocks(1, |c| c.drop_after = Some(2));
     let r = Router::start(&["--worker-urls", &m[0].url()]);
     let mut s = r.connect();
-    s.write_all(&post_json("/v1/completions", r#"{"model":"mock-model","prompt":"x","max_tokens":8,"stream":true}"#))
-        .unwrap();
+    s.write_all(&post_json(
+        "/v1/completions",
+        r#"{"model":"mock-model","prompt":"x","max_tokens":8,"stream":true}"#,
+    ))
+    .unwrap();
     let mut all = Vec::new();
     let _ = s.read_to_end(&mut all);
     let text = String::from_utf8_lossy(&all);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    assert!(!text.ends_with("0\r\n\r\n"), "a truncated stream must not look complete");
+    assert!(
+        !text.ends_with("0\r\n\r\n"),
+        "a truncated stream must not look complete"
+    );
     // And the router still serves.
-    let ok = exchange(r.addr, &post_json("/v1/completions", r#"{"model":"mock-model","prompt":"x"}"#));
+    let ok = exchange(
+        r.addr,
+        &post_json("/v1/completions", r#"{"model":"mock-model","prompt":"x"}"#),
+    );
     assert_eq!(ok.status, 200);
 }
 
@@ -285,12 +352,18 @@ fn connect_failure_falls_through_to_the_next_worker() {
     let m = mocks(1, |_| {});
     let r = Router::start(&["--worker-urls", &dead_url, &m[0].url(), "--shards", "1"]);
     for _ in 0..4 {
-        let resp = exchange(r.addr, &post_json("/v1/completions", r#"{"model":"mock-model","prompt":"x"}"#));
+        let resp = exchange(
+            r.addr,
+            &post_json("/v1/completions", r#"{"model":"mock-model","prompt":"x"}"#),
+        );
         assert_eq!(resp.status, 200);
     }
     // With every worker down: 502 with a JSON error.
     let r2 = Router::start(&["--worker-urls", &dead_url]);
-    let resp = exchange(r2.addr, &post_json("/v1/completions", r#"{"model":"mock-model","prompt":"x"}"#));
+    let resp = exchange(
+        r2.addr,
+        &post_json("/v1/completions", r#"{"model":"mock-model","prompt":"x"}"#),
+    );
     assert_eq!(resp.status, 502);
     assert!(resp.error_message().contains("connect"));
 }

@@ -37,7 +37,9 @@ impl fmt::Display for BodyError {
 /// Validates `body` as a JSON object and extracts the routing fields.
 pub fn parse_fields(body: &[u8]) -> Result<RequestFields<'_>, BodyError> {
     if body.is_empty() {
-        return Err(BodyError("request body is empty; expected a JSON object".into()));
+        return Err(BodyError(
+            "request body is empty; expected a JSON object".into(),
+        ));
     }
     sonic_rs::from_slice::<FieldsSeed>(body)
         .map(|f| f.0)
@@ -122,7 +124,11 @@ mod tests {
             b"{\"stream\": \"yes\"}",
             b"{\"prompt\": \"\xff\"}",
         ] {
-            assert!(parse_fields(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+            assert!(
+                parse_fields(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 }

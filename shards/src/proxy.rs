@@ -209,7 +209,10 @@ async fn read_head(shard: &Shard, rd: &mut ClientRd, b: &mut Buffers) -> Result<
             Fill::Closed => return Ok(false),
             Fill::TimedOut => {
                 if b.inbuf.len() > b.start {
-                    tracing::debug!(shard = shard.id, "closing a connection slow to send its request head");
+                    tracing::debug!(
+                        shard = shard.id,
+                        "closing a connection slow to send its request head"
+                    );
                 }
                 return Ok(false);
             }
@@ -229,7 +232,9 @@ async fn read_body(
     let too_large = |n: usize| {
         Some(ApiError::new(
             413,
-            format!("request body of {n} bytes exceeds the limit of {max} bytes (--max-payload-size)"),
+            format!(
+                "request body of {n} bytes exceeds the limit of {max} bytes (--max-payload-size)"
+            ),
         ))
     };
     match b.head.framing() {
@@ -265,13 +270,17 @@ async fn read_body(
                 let from = b.start + rel;
                 let used = decoder
                     .feed(&b.inbuf[from..], Some(&mut b.decoded))
-                    .map_err(|e| Some(ApiError::bad_request(format!("invalid chunked body: {e}"))))?;
+                    .map_err(|e| {
+                        Some(ApiError::bad_request(format!("invalid chunked body: {e}")))
+                    })?;
                 rel += used;
                 if b.decoded.len() > max {
                     return Err(too_large(b.decoded.len()));
                 }
                 if decoder.is_done() {
-                    return Ok(Body::Decoded { raw: rel - head_len });
+                    return Ok(Body::Decoded {
+                        raw: rel - head_len,
+                    });
                 }
                 let deadline = Instant::now() + shard.cfg.header_read_timeout;
                 match fill(rd, b, deadline).await {
@@ -298,7 +307,11 @@ async fn flush_out(wr: &mut ClientWr, b: &mut Buffers) -> bool {
 
 async fn respond_error(wr: &mut ClientWr, b: &mut Buffers, e: &ApiError, close: bool) -> bool {
     b.out.clear();
-    let rid = if b.rid.is_empty() { None } else { Some(&b.rid[..]) };
+    let rid = if b.rid.is_empty() {
+        None
+    } else {
+        Some(&b.rid[..])
+    };
     e.write_response(&mut b.out, rid, close);
     flush_out(wr, b).await
 }
@@ -389,7 +402,15 @@ async fn route_request(
     };
     if let Some((status, ctype, payload)) = local {
         b.out.clear();
-        write_simple(&mut b.out, status, ctype, &payload, Some(&b.rid), close, head_only);
+        write_simple(
+            &mut b.out,
+            status,
+            ctype,
+            &payload,
+            Some(&b.rid),
+            close,
+            head_only,
+        );
         return if flush_out(wr, b).await {
             Next::KeepAlive
         } else {
@@ -509,8 +530,7 @@ async fn checkout(shard: &Shard, worker: usize) -> std::io::Result<(TcpStream, b
         return Ok((s, true));
     }
     let addr = shard.workers.get(worker).addr;
-    let s = match monoio::time::timeout(shard.cfg.connect_timeout, TcpStream::connect(addr)).await
-    {
+    let s = match monoio::time::timeout(shard.cfg.connect_timeout, TcpStream::connect(addr)).await {
         Ok(r) => r?,
         Err(_) => {
             return Err(std::io::Error::new(
@@ -537,7 +557,10 @@ enum Attempt {
     Head(TcpStream, ResponseHead),
     /// Nothing reached the worker that it could have acted on: try again, on the same
     /// worker with a fresh connection when only a pooled connection was stale.
-    Retry { error: String, same_worker: bool },
+    Retry {
+        error: String,
+        same_worker: bool,
+    },
     /// Answered to the client, or the client is gone.
     Done(Next),
 }
@@ -572,7 +595,10 @@ async fn exchange<W: Future<Output = BufResult<usize, Vec<u8>>>>(
             }
         }
     }
-    let e = ApiError::new(502, format!("no worker could take the request: {last_error}"));
+    let e = ApiError::new(
+        502,
+        format!("no worker could take the request: {last_error}"),
+    );
     respond_error(wr, b, &e, close).await;
     Next::KeepAlive
 }
@@ -617,7 +643,8 @@ async fn attempt<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     let coalesce = body_len <= COALESCE_BODY;
     if coalesce {
         if inline {
-            b.out.extend_from_slice(&b.inbuf[s + head_len..s + head_len + body_len]);
+            b.out
+                .extend_from_slice(&b.inbuf[s + head_len..s + head_len + body_len]);
         } else {
             b.out.extend_from_slice(&b.decoded);
         }
@@ -635,7 +662,10 @@ async fn attempt<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     let sent = match sent {
         Ok(_) if !coalesce && body_len > 0 => {
             let (buf, range) = if inline {
-                (std::mem::take(&mut b.inbuf), s + head_len..s + head_len + body_len)
+                (
+                    std::mem::take(&mut b.inbuf),
+                    s + head_len..s + head_len + body_len,
+                )
             } else {
                 (std::mem::take(&mut b.decoded), 0..body_len)
             };
@@ -745,7 +775,10 @@ async fn interrupted(wr: &mut ClientWr, b: &mut Buffers, i: Interrupt, close: bo
     match i {
         Interrupt::ClientGone => Next::Close,
         Interrupt::TimedOut => {
-            let e = ApiError::new(504, "the worker did not answer within --request-timeout-secs");
+            let e = ApiError::new(
+                504,
+                "the worker did not answer within --request-timeout-secs",
+            );
             respond_error(wr, b, &e, close).await;
             Next::Close
         }
@@ -761,8 +794,9 @@ enum BodyLeft {
 }
 
 impl BodyLeft {
-    /// Consumes what of `bytes` belongs to the body; returns that count.
-    fn take(&mut self, bytes: &[u8]) -> Result<usize, ()> {
+    /// Consumes what of `bytes` belongs to the body; returns that count. With `payload`,
+    /// a chunked body's payload (framing removed) is appended there.
+    fn take(&mut self, bytes: &[u8], payload: Option<&mut Vec<u8>>) -> Result<usize, ()> {
         match self {
             BodyLeft::Done => Ok(0),
             BodyLeft::Length(left) => {
@@ -774,7 +808,7 @@ impl BodyLeft {
                 Ok(n as usize)
             }
             BodyLeft::Chunked(d) => {
-                let n = d.feed(bytes, None).map_err(|_| ())?;
+                let n = d.feed(bytes, payload).map_err(|_| ())?;
                 if d.is_done() {
                     *self = BodyLeft::Done;
                 }
@@ -805,17 +839,24 @@ async fn relay_body<W: Future<Output = BufResult<usize, Vec<u8>>>>(
         ResponseFraming::UntilClose => BodyLeft::UntilClose,
     };
     let mut reusable = head.reusable;
+    // An HTTP/1.0 client cannot read chunked framing: it gets the payload, delimited by
+    // the connection closing.
+    let dechunk = b.head.minor_version == 0 && head.framing == ResponseFraming::Chunked;
+    let close_client = close_client || dechunk;
     b.out.clear();
-    write_client_head(&mut b.out, &b.upbuf, &head, &b.rid, close_client);
+    write_client_head(&mut b.out, &b.upbuf, &head, &b.rid, close_client, dechunk);
     let early = &b.upbuf[head.len..];
-    let Ok(n) = left.take(early) else {
+    let payload = if dechunk { Some(&mut b.out) } else { None };
+    let Ok(n) = left.take(early, payload) else {
         abort_upstream(&up);
         return Next::Close;
     };
     if n < early.len() {
         reusable = false;
     }
-    b.out.extend_from_slice(&early[..n]);
+    if !dechunk {
+        b.out.extend_from_slice(&early[..n]);
+    }
     if !flush_out(wr, b).await {
         abort_upstream(&up);
         return Next::Close;
@@ -831,19 +872,16 @@ async fn relay_body<W: Future<Output = BufResult<usize, Vec<u8>>>>(
                 return Next::Close;
             }
         };
-        let got = match res {
-            Ok(n) => n,
-            Err(_) => 0,
-        };
+        // EOF (or a reset) ends an until-close body; any other body is truncated, and
+        // closing the client connection is how the client sees that.
+        let got: usize = res.unwrap_or_default();
         if got == 0 {
             b.upbuf = buf;
-            if let BodyLeft::UntilClose = left {
-                return Next::Close;
-            }
-            // Truncated by the worker: close the client connection so it sees the failure.
             return Next::Close;
         }
-        let n = match left.take(&buf[..got]) {
+        b.decoded.clear();
+        let payload = if dechunk { Some(&mut b.decoded) } else { None };
+        let n = match left.take(&buf[..got], payload) {
             Ok(n) => n,
             Err(()) => {
                 abort_upstream(&up);
@@ -853,8 +891,16 @@ async fn relay_body<W: Future<Output = BufResult<usize, Vec<u8>>>>(
         if n < got {
             reusable = false;
         }
-        let (res, slice) = wr.write_all(buf.slice(0..n)).await;
-        b.upbuf = slice.into_inner();
+        let res = if dechunk {
+            b.upbuf = buf;
+            let (res, decoded) = wr.write_all(std::mem::take(&mut b.decoded)).await;
+            b.decoded = decoded;
+            res
+        } else {
+            let (res, slice) = wr.write_all(buf.slice(0..n)).await;
+            b.upbuf = slice.into_inner();
+            res
+        };
         if res.is_err() {
             abort_upstream(&up);
             return Next::Close;

@@ -127,7 +127,9 @@ fn run_shard(
     cfg: DataPlaneConfig,
     ready: mpsc::Sender<Result<(ShardInfo, SocketAddr), String>>,
 ) {
-    let pinned = core.filter(|c| core_affinity::set_for_current(*c)).map(|c| c.id);
+    let pinned = core
+        .filter(|c| core_affinity::set_for_current(*c))
+        .map(|c| c.id);
     let (mut rt, driver) = match build_runtime(cfg.io_driver) {
         Ok(x) => x,
         Err(e) => {

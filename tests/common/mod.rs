@@ -149,7 +149,11 @@ impl Response {
 
 /// Reads one response from `s`, using `pending` for bytes already read past the previous
 /// response. `head_request`: the response has no body whatever its headers say.
-pub fn read_response_from(s: &mut impl Read, pending: &mut Vec<u8>, head_request: bool) -> Option<Response> {
+pub fn read_response_from(
+    s: &mut impl Read,
+    pending: &mut Vec<u8>,
+    head_request: bool,
+) -> Option<Response> {
     let mut buf = std::mem::take(pending);
     let mut tmp = [0u8; 65536];
     let (status, headers, head_len) = loop {
@@ -159,7 +163,12 @@ pub fn read_response_from(s: &mut impl Read, pending: &mut Vec<u8>, head_request
             let h: Vec<(String, String)> = r
                 .headers
                 .iter()
-                .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).into_owned()))
+                .map(|h| {
+                    (
+                        h.name.to_string(),
+                        String::from_utf8_lossy(h.value).into_owned(),
+                    )
+                })
                 .collect();
             let code = r.code.unwrap();
             if code == 100 {
@@ -286,7 +295,12 @@ pub fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
         match s.read(&mut b) {
             Ok(0) => return true,
             Ok(_) => continue,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => return false,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                return false
+            }
             Err(_) => return true,
         }
     }
@@ -328,7 +342,8 @@ pub fn read_request(s: &mut TcpStream) -> Option<(String, Vec<u8>)> {
                 .lines()
                 .find_map(|l| {
                     let (n, v) = l.split_once(':')?;
-                    n.eq_ignore_ascii_case("content-length").then(|| v.trim().parse::<usize>().ok())?
+                    n.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())?
                 })
                 .unwrap_or(0);
             while buf.len() < p + 4 + len {

@@ -209,7 +209,8 @@ fn hex(b: u8) -> Option<u8> {
 mod tests {
     use super::*;
 
-    const SSE: &[u8] = b"18\r\ndata: {\"text\":\"hello\"}\n\n\r\ne;ext=1\r\ndata: [DONE]\n\n\r\n0\r\n\r\n";
+    const SSE: &[u8] =
+        b"18\r\ndata: {\"text\":\"hello\"}\n\n\r\ne;ext=1\r\ndata: [DONE]\n\n\r\n0\r\n\r\n";
 
     fn decode_split(input: &[u8], split: usize) -> (Vec<u8>, usize, bool) {
         let mut d = ChunkedDecoder::new();
@@ -226,7 +227,10 @@ mod tests {
     fn decodes_at_every_split_point() {
         for split in 0..=SSE.len() {
             let (out, consumed, done) = decode_split(SSE, split);
-            assert_eq!(out, b"data: {\"text\":\"hello\"}\n\ndata: [DONE]\n\n", "split {split}");
+            assert_eq!(
+                out, b"data: {\"text\":\"hello\"}\n\ndata: [DONE]\n\n",
+                "split {split}"
+            );
             assert_eq!(consumed, SSE.len());
             assert!(done);
         }

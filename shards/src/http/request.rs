@@ -230,8 +230,14 @@ fn parse_content_length(v: &[u8]) -> Result<u64, ApiError> {
 }
 
 pub fn trim(v: &[u8]) -> &[u8] {
-    let start = v.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(v.len());
-    let end = v.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    let start = v
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(v.len());
+    let end = v
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
     &v[start..end]
 }
 
@@ -276,10 +282,25 @@ mod tests {
 
     #[test]
     fn persistence_rules() {
-        assert!(!parse("GET / HTTP/1.1\r\nConnection: close\r\n\r\n").unwrap().1.keep_alive);
+        assert!(
+            !parse("GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+                .unwrap()
+                .1
+                .keep_alive
+        );
         assert!(!parse("GET / HTTP/1.0\r\n\r\n").unwrap().1.keep_alive);
-        assert!(parse("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").unwrap().1.keep_alive);
-        assert!(parse("GET / HTTP/1.1\r\nConnection: upgrade, keep-alive\r\n\r\n").unwrap().1.keep_alive);
+        assert!(
+            parse("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
+                .unwrap()
+                .1
+                .keep_alive
+        );
+        assert!(
+            parse("GET / HTTP/1.1\r\nConnection: upgrade, keep-alive\r\n\r\n")
+                .unwrap()
+                .1
+                .keep_alive
+        );
     }
 
     #[test]
@@ -292,8 +313,14 @@ mod tests {
             status_of("POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n"),
             400
         );
-        assert_eq!(status_of("POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n"), 400);
-        assert_eq!(status_of("POST / HTTP/1.1\r\nContent-Length: 1e3\r\n\r\n"), 400);
+        assert_eq!(
+            status_of("POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n"),
+            400
+        );
+        assert_eq!(
+            status_of("POST / HTTP/1.1\r\nContent-Length: 1e3\r\n\r\n"),
+            400
+        );
         assert_eq!(
             status_of("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"),
             501
@@ -304,7 +331,10 @@ mod tests {
         );
         // Equal repeated lengths are allowed (RFC 9110 §8.6).
         assert_eq!(
-            parse("POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n").unwrap().1.framing(),
+            parse("POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n")
+                .unwrap()
+                .1
+                .framing(),
             BodyFraming::Length(3)
         );
     }

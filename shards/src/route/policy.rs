@@ -155,6 +155,9 @@ mod tests {
         for n in Policy::NAMES {
             assert_eq!(n.parse::<Policy>().unwrap().name(), n);
         }
-        assert!("fastest".parse::<Policy>().unwrap_err().contains("round_robin"));
+        assert!("fastest"
+            .parse::<Policy>()
+            .unwrap_err()
+            .contains("round_robin"));
     }
 }

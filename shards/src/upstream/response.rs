@@ -55,10 +55,14 @@ impl ResponseHead {
             let n = h.name.as_bytes();
             if n.eq_ignore_ascii_case(b"content-length") {
                 let v = crate::http::request::trim(h.value);
-                let parsed = std::str::from_utf8(v).ok().and_then(|s| s.parse::<u64>().ok());
+                let parsed = std::str::from_utf8(v)
+                    .ok()
+                    .and_then(|s| s.parse::<u64>().ok());
                 match (parsed, content_length) {
                     (None, _) => {
-                        return Err(ResponseHeadError::Malformed("invalid Content-Length".into()))
+                        return Err(ResponseHeadError::Malformed(
+                            "invalid Content-Length".into(),
+                        ))
                     }
                     (Some(a), Some(b)) if a != b => {
                         return Err(ResponseHeadError::Malformed(
@@ -88,16 +92,17 @@ impl ResponseHead {
                 has_request_id = true;
             }
         }
-        let framing = if request_was_head || (100..200).contains(&status) || status == 204 || status == 304 {
-            ResponseFraming::None
-        } else if chunked {
-            ResponseFraming::Chunked
-        } else if let Some(n) = content_length {
-            ResponseFraming::Length(n)
-        } else {
-            close = true;
-            ResponseFraming::UntilClose
-        };
+        let framing =
+            if request_was_head || (100..200).contains(&status) || status == 204 || status == 304 {
+                ResponseFraming::None
+            } else if chunked {
+                ResponseFraming::Chunked
+            } else if let Some(n) = content_length {
+                ResponseFraming::Length(n)
+            } else {
+                close = true;
+                ResponseFraming::UntilClose
+            };
         Ok(Some(ResponseHead {
             status,
             len,
@@ -109,13 +114,15 @@ impl ResponseHead {
 }
 
 /// Writes the head the client receives for the worker head `raw[..len]`.
-/// `close_client` adds `connection: close`.
+/// `close_client` adds `connection: close`; `dechunk` drops `transfer-encoding` (the
+/// payload goes out unframed, delimited by the close).
 pub fn write_client_head(
     out: &mut Vec<u8>,
     raw: &[u8],
     head: &ResponseHead,
     request_id: &[u8],
     close_client: bool,
+    dechunk: bool,
 ) {
     let mut hdrs = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
     let mut resp = httparse::Response::new(&mut hdrs);
@@ -138,6 +145,7 @@ pub fn write_client_head(
         let name = h.name.as_bytes();
         if is_hop_by_hop(name)
             || (nconn > 0 && listed_in_connection(&connection_values[..nconn], name))
+            || (dechunk && name.eq_ignore_ascii_case(b"transfer-encoding"))
         {
             continue;
         }
@@ -170,7 +178,7 @@ mod tests {
         assert!(h.reusable);
         assert_eq!(&raw[h.len..], b"1a\r\n");
         let mut out = Vec::new();
-        write_client_head(&mut out, raw, &h, b"rid", false);
+        write_client_head(&mut out, raw, &h, b"rid", false, false);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "HTTP/1.1 200 OK\r\ndate: x\r\ncontent-type: text/event-stream; charset=utf-8\r\ntransfer-encoding: chunked\r\nx-request-id: rid\r\n\r\n"
@@ -180,16 +188,37 @@ mod tests {
     #[test]
     fn framing_rules() {
         let p = |raw: &[u8], head: bool| ResponseHead::parse(raw, head).unwrap().unwrap();
-        assert_eq!(p(b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\n", false).framing, ResponseFraming::Length(7));
-        assert_eq!(p(b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\n", true).framing, ResponseFraming::None);
-        assert_eq!(p(b"HTTP/1.1 204 No Content\r\n\r\n", false).framing, ResponseFraming::None);
+        assert_eq!(
+            p(b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\n", false).framing,
+            ResponseFraming::Length(7)
+        );
+        assert_eq!(
+            p(b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\n", true).framing,
+            ResponseFraming::None
+        );
+        assert_eq!(
+            p(b"HTTP/1.1 204 No Content\r\n\r\n", false).framing,
+            ResponseFraming::None
+        );
         let h = p(b"HTTP/1.1 200 OK\r\n\r\n", false);
         assert_eq!(h.framing, ResponseFraming::UntilClose);
         assert!(!h.reusable);
-        assert!(!p(b"HTTP/1.1 200 OK\r\nConnection: close\r\ncontent-length: 0\r\n\r\n", false).reusable);
+        assert!(
+            !p(
+                b"HTTP/1.1 200 OK\r\nConnection: close\r\ncontent-length: 0\r\n\r\n",
+                false
+            )
+            .reusable
+        );
         assert!(!p(b"HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n", false).reusable);
-        assert!(ResponseHead::parse(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n", false).is_err());
-        assert!(ResponseHead::parse(b"HTTP/1.1 200 OK\r\n", false).unwrap().is_none());
+        assert!(ResponseHead::parse(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n",
+            false
+        )
+        .is_err());
+        assert!(ResponseHead::parse(b"HTTP/1.1 200 OK\r\n", false)
+            .unwrap()
+            .is_none());
     }
 
     #[test]
@@ -197,7 +226,7 @@ mod tests {
         let raw = b"HTTP/1.1 404 Not Found\r\nx-request-id: w\r\ncontent-length: 0\r\n\r\n";
         let h = ResponseHead::parse(raw, false).unwrap().unwrap();
         let mut out = Vec::new();
-        write_client_head(&mut out, raw, &h, b"rid", true);
+        write_client_head(&mut out, raw, &h, b"rid", true, false);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "HTTP/1.1 404 Not Found\r\nx-request-id: w\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
