@@ -9,20 +9,27 @@ use std::process::Command;
 
 use common::*;
 
-/// Builds the nouring wrapper (../shared/tools/nouring.c, copied in tools/) once.
+/// Builds the nouring wrapper (../shared/tools/nouring.c, copied in tools/) once per test
+/// process, into a temporary name renamed into place (tests run in parallel).
 fn nouring() -> PathBuf {
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tools/nouring/nouring.c");
-    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("nouring");
-    if !out.exists() {
-        let st = Command::new("cc")
-            .args(["-O2", "-o"])
-            .arg(&out)
-            .arg(&src)
-            .status()
-            .expect("cc");
-        assert!(st.success(), "building nouring");
-    }
-    out
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tools/nouring/nouring.c");
+            let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+            let out = dir.join("nouring");
+            let tmp = dir.join(format!("nouring.{}", std::process::id()));
+            let st = Command::new("cc")
+                .args(["-O2", "-o"])
+                .arg(&tmp)
+                .arg(&src)
+                .status()
+                .expect("cc");
+            assert!(st.success(), "building nouring");
+            std::fs::rename(&tmp, &out).unwrap();
+            out
+        })
+        .clone()
 }
 
 #[test]
