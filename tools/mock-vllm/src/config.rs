@@ -42,6 +42,15 @@ pub struct MockConfig {
     /// `--enable-request-id-headers`: echo `x-request-id` (or a fresh one) on every response.
     /// Real vLLM's default is off; the mock's default is on.
     pub request_id_headers: bool,
+    /// Simulated prefix cache capacity, in blocks of `prefix_block_bytes` (0 = no cache). See
+    /// `prefix_cache`: a request's leading blocks found in the cache are not prefilled again.
+    pub prefix_cache_blocks: usize,
+    /// Prefix cache block size, in bytes of routing text (vLLM's blocks are 16 tokens; 64
+    /// bytes is 16 tokens at 4 bytes a token).
+    pub prefix_block_bytes: usize,
+    /// Extra TTFT per KiB of prompt routing text not found in the prefix cache (all of it when
+    /// the cache is off). Not charged to NIXL decode legs, whose KV comes from the prefill leg.
+    pub prefill_per_kb: Duration,
 }
 
 impl Default for MockConfig {
@@ -64,6 +73,9 @@ impl Default for MockConfig {
             max_num_seqs: 256,
             sse_keep_alive: None,
             request_id_headers: true,
+            prefix_cache_blocks: 0,
+            prefix_block_bytes: 64,
+            prefill_per_kb: Duration::ZERO,
         }
     }
 }

@@ -1,12 +1,12 @@
 //! One HTTP request, start to finish: record it, route it by path, run a generation (fake
-//! tokens on the configured schedule, NIXL prefill/decode legs, injected failures), and put
-//! the headers every response carries (`x-mock-worker`, `x-request-id`, uvicorn's `server`
-//! and `vary`).
+//! tokens on the configured schedule, prefix cache lookup and prefill cost, NIXL
+//! prefill/decode legs, injected failures), and put the headers every response carries
+//! (`x-mock-worker`, `x-request-id`, uvicorn's `server` and `vary`).
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use crate::errors;
 use crate::info;
 use crate::knobs::Knobs;
+use crate::prefix_cache::PrefixHit;
 use crate::request::{self, GenerationRequest, PdRole};
 use crate::state::{MockState, Received};
 use crate::stream::{Api, MockBody, SseStream, StreamPlan};
@@ -222,6 +223,9 @@ async fn generation(
         Api::Chat => req.max_completion_tokens.or(req.max_tokens),
     };
     let (tokens, finish) = token_budget(limit, knobs.tokens, config.tokens);
+    let prefix = state
+        .models_prefill()
+        .then(|| prompt_prefix(state, api, &req, body.len()));
 
     let (inflight, before) = state.enter();
     let role = req.pd_role();
@@ -231,11 +235,19 @@ async fn generation(
         PdRole::None => 0,
     };
     let queue = config.ttft_per_inflight * before.min(u32::MAX as u64) as u32;
+    // A decode leg's KV arrives from its prefill leg: nothing to prefill here.
+    let prefill = match prefix {
+        Some(hit) if role != PdRole::Decode => {
+            prefill_cost(config.prefill_per_kb, hit.uncached_bytes())
+        }
+        _ => Duration::ZERO,
+    };
     let ttft = if role == PdRole::Prefill {
         knobs.prefill_delay
     } else {
         knobs.ttft
-    } + queue;
+    } + queue
+        + prefill;
     let start = Instant::now();
     let rid = parts
         .headers
@@ -283,6 +295,10 @@ async fn generation(
             CONTENT_TYPE,
             HeaderValue::from_static("text/event-stream; charset=utf-8"),
         );
+        if let Some(hit) = prefix {
+            resp.headers_mut()
+                .insert("x-mock-prefix-hit", prefix_hit_header(hit));
+        }
         return resp;
     }
 
@@ -322,7 +338,43 @@ async fn generation(
             resp.headers_mut().insert("endpoint-load-metrics", value);
         }
     }
+    if let Some(hit) = prefix {
+        resp.headers_mut()
+            .insert("x-mock-prefix-hit", prefix_hit_header(hit));
+    }
     resp
+}
+
+/// Run a generation request's routing text through the prefix cache.
+fn prompt_prefix(
+    state: &MockState,
+    api: Api,
+    req: &GenerationRequest,
+    body_len: usize,
+) -> PrefixHit {
+    let mut blocks = state.prompt_blocks(body_len);
+    let mut sink = |piece: &[u8]| blocks.feed(piece);
+    match api {
+        Api::Completion => request::completion_routing_text(req.prompt.as_ref(), &mut sink),
+        Api::Chat => {
+            if let Some(Value::Array(messages)) = req.messages.as_ref() {
+                request::chat_routing_text(messages, &mut sink)
+            }
+        }
+    }
+    state.prefix_lookup(&blocks)
+}
+
+/// The time to prefill `bytes` of uncached prompt at `per_kb` per KiB.
+fn prefill_cost(per_kb: Duration, bytes: usize) -> Duration {
+    let nanos = per_kb.as_nanos() * bytes as u128 / 1024;
+    Duration::from_nanos(nanos.min(u64::MAX as u128) as u64)
+}
+
+/// `x-mock-prefix-hit: <cached bytes>/<prompt bytes>`.
+fn prefix_hit_header(hit: PrefixHit) -> HeaderValue {
+    HeaderValue::from_str(&format!("{}/{}", hit.cached_bytes, hit.prompt_bytes))
+        .expect("digits are a valid header value")
 }
 
 /// What a NIXL prefill worker (vLLM 0.32 `NixlConnector`, pull mode) returns in

@@ -1,6 +1,7 @@
 //! The non-generation endpoints: `/health`, `/version`, `/v1/models`, `/load`, `/metrics`
 //! (Prometheus text with vLLM's gauge names and labels), `/tokenize`, and the ORCA
-//! `endpoint-load-metrics` header. Load numbers come from the mock's in-flight count.
+//! `endpoint-load-metrics` header. Load numbers come from the mock's in-flight count, prefix
+//! cache counters from the simulated cache.
 
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering::Relaxed;
@@ -155,6 +156,17 @@ pub(crate) fn metrics(state: &MockState) -> Response<MockBody> {
             py_float(value as f64)
         );
     };
+    // In tokens of 4 bytes of routing text; 0 while the simulated prefix cache is off.
+    counter(
+        "prefix_cache_queries",
+        "Prefix cache queries, in terms of number of queried tokens.",
+        state.prefix_cache_queries(),
+    );
+    counter(
+        "prefix_cache_hits",
+        "Prefix cache hits, in terms of number of cached tokens.",
+        state.prefix_cache_hits(),
+    );
     counter(
         "prompt_tokens",
         "Number of prefill tokens processed.",

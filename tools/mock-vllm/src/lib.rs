@@ -3,8 +3,9 @@
 //! This module owns the public face of the crate: [`MockServer`], which runs one mock on its
 //! own thread with its own tokio runtime, plus re-exports of the configuration and the
 //! observable state ([`Stats`], [`Received`]). The wire shapes live in `wire`, the request
-//! flow in `handler`, the SSE body in `stream`; `testdata/real-vllm-0.32/` holds the real
-//! server's bytes they are checked against.
+//! flow in `handler`, the SSE body in `stream`, the simulated prefix cache in
+//! `prefix_cache`; `testdata/real-vllm-0.32/` holds the real server's bytes they are checked
+//! against.
 //!
 //! ```no_run
 //! use mock_vllm::{MockConfig, MockServer};
@@ -19,6 +20,7 @@ mod errors;
 mod handler;
 mod info;
 mod knobs;
+mod prefix_cache;
 mod request;
 mod server;
 mod state;

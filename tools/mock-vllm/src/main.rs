@@ -73,6 +73,15 @@ struct Args {
     /// Do not add `x-request-id` to responses (real vLLM's default).
     #[arg(long)]
     no_request_id_headers: bool,
+    /// Simulated prefix cache capacity in blocks (LRU; 0 = no cache).
+    #[arg(long, default_value_t = 0)]
+    prefix_cache_blocks: usize,
+    /// Prefix cache block size, bytes of prompt text.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    prefix_block_bytes: u64,
+    /// Extra TTFT per KiB of prompt text not in the prefix cache, microseconds.
+    #[arg(long, default_value_t = 0.0)]
+    prefill_us_per_kb: f64,
 }
 
 fn ms(v: f64) -> Duration {
@@ -98,6 +107,9 @@ impl Args {
             max_num_seqs: self.max_num_seqs,
             sse_keep_alive: self.sse_keep_alive_ms.map(ms),
             request_id_headers: !self.no_request_id_headers,
+            prefix_cache_blocks: self.prefix_cache_blocks,
+            prefix_block_bytes: self.prefix_block_bytes as usize,
+            prefill_per_kb: Duration::from_secs_f64(self.prefill_us_per_kb.max(0.0) / 1e6),
             ..MockConfig::default()
         }
     }

@@ -1,7 +1,7 @@
 //! Reading an OpenAI request body: the few fields the mock acts on (model, stream, token
 //! limits, stream options, NIXL `kv_transfer_params`) and a prompt-token estimate (whitespace
-//! words plus template overhead: the mock has no tokenizer). Everything else is ignored,
-//! as vLLM ignores unknown fields.
+//! words plus template overhead: the mock has no tokenizer), and the routing text the prefix
+//! cache hashes. Everything else is ignored, as vLLM ignores unknown fields.
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -134,6 +134,55 @@ pub(crate) fn chat_prompt_tokens(messages: &[Value]) -> usize {
         + 3
 }
 
+/// The routing text of a `/v1/completions` prompt, fed to `sink` piece by piece (what the
+/// prefix cache hashes): a string; a list of strings, one after the other; token ids as
+/// 4 little-endian bytes each (so 4 bytes are one token), in one list or a list of lists.
+pub(crate) fn completion_routing_text(prompt: Option<&Value>, sink: &mut impl FnMut(&[u8])) {
+    match prompt {
+        Some(Value::String(s)) => sink(s.as_bytes()),
+        Some(Value::Array(items)) => {
+            for item in items {
+                match item {
+                    Value::String(s) => sink(s.as_bytes()),
+                    Value::Number(n) => sink(&token_bytes(n)),
+                    Value::Array(ids) => {
+                        for id in ids {
+                            if let Value::Number(n) = id {
+                                sink(&token_bytes(n));
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+fn token_bytes(n: &serde_json::Number) -> [u8; 4] {
+    (n.as_u64().unwrap_or(0) as u32).to_le_bytes()
+}
+
+/// The routing text of a chat request: every message's `content` string or text parts, one
+/// after the other (roles and the template are left out).
+pub(crate) fn chat_routing_text(messages: &[Value], sink: &mut impl FnMut(&[u8])) {
+    for m in messages {
+        match m.get("content") {
+            Some(Value::String(s)) => sink(s.as_bytes()),
+            Some(Value::Array(parts)) => {
+                for text in parts
+                    .iter()
+                    .filter_map(|p| p.get("text").and_then(Value::as_str))
+                {
+                    sink(text.as_bytes());
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Prompt tokens of a `/v1/responses` request: a string input is one user message.
 pub(crate) fn responses_prompt_tokens(input: Option<&Value>) -> usize {
     match input {
@@ -188,6 +237,31 @@ mod tests {
         assert_eq!(completion_prompts(None), None);
         let msgs = json!([{"role": "user", "content": "hello world"}]);
         assert_eq!(chat_prompt_tokens(msgs.as_array().unwrap()), 10);
+    }
+
+    fn routing_text(f: impl FnOnce(&mut dyn FnMut(&[u8]))) -> Vec<u8> {
+        let mut out = Vec::new();
+        f(&mut |b: &[u8]| out.extend_from_slice(b));
+        out
+    }
+
+    #[test]
+    fn routing_texts() {
+        let text = |v: serde_json::Value| {
+            routing_text(|sink| completion_routing_text(Some(&v), &mut |b| sink(b)))
+        };
+        assert_eq!(text(json!("abc")), b"abc");
+        assert_eq!(text(json!(["ab", "cd"])), b"abcd");
+        assert_eq!(text(json!([1, 258])), [1, 0, 0, 0, 2, 1, 0, 0]);
+        assert_eq!(text(json!([[1], [2]])), [1, 0, 0, 0, 2, 0, 0, 0]);
+        let msgs = json!([
+            {"role": "system", "content": "sys "},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url"}, {"type": "text", "text": "b"}]},
+            {"role": "assistant", "content": null}
+        ]);
+        let chat =
+            routing_text(|sink| chat_routing_text(msgs.as_array().unwrap(), &mut |b| sink(b)));
+        assert_eq!(chat, b"sys ab");
     }
 
     #[test]

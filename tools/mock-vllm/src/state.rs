@@ -1,6 +1,7 @@
 //! What a running mock knows about itself: counters (`Stats`), the log of received requests,
-//! the run-time switches (health, fail rate) and the shutdown signal. Shared by every
-//! connection of one mock through an `Arc<MockState>`; counters are relaxed atomics.
+//! the run-time switches (health, fail rate), the simulated prefix cache and the shutdown
+//! signal. Shared by every connection of one mock through an `Arc<MockState>`; counters are
+//! relaxed atomics.
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
@@ -12,6 +13,7 @@ use hyper::header::HeaderValue;
 use tokio::sync::watch;
 
 use crate::config::MockConfig;
+use crate::prefix_cache::{PrefixCache, PrefixHit, PromptBlocks};
 
 /// A snapshot of a mock's counters.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -34,6 +36,12 @@ pub struct Stats {
     pub decode_legs: u64,
     /// Error responses injected by `fail_rate`, `x-mock-fail` or `x-mock-status`.
     pub injected_errors: u64,
+    /// Prompt tokens looked up in the prefix cache (`vllm:prefix_cache_queries_total`). The
+    /// mock has no tokenizer: a token is 4 bytes of routing text (this is the total bytes / 4).
+    /// 0 while the cache is off.
+    pub prefix_cache_queries: u64,
+    /// Of those, tokens found cached (`vllm:prefix_cache_hits_total`), same unit.
+    pub prefix_cache_hits: u64,
 }
 
 /// One request as the mock received it.
@@ -91,6 +99,9 @@ pub struct MockState {
     pub(crate) success_length: AtomicU64,
     pub(crate) success_abort: AtomicU64,
     pub(crate) next_block_id: AtomicU64,
+    prefix_cache: Option<Mutex<PrefixCache>>,
+    prefix_query_bytes: AtomicU64,
+    prefix_hit_bytes: AtomicU64,
     received: Mutex<VecDeque<Received>>,
     shutdown: watch::Sender<bool>,
 }
@@ -102,6 +113,8 @@ impl MockState {
         let worker_header = HeaderValue::from_str(&config.name)
             .unwrap_or_else(|_| HeaderValue::from_static("mock"));
         let fail_rate_bits = AtomicU64::new(config.fail_rate.to_bits());
+        let prefix_cache = (config.prefix_cache_blocks > 0)
+            .then(|| Mutex::new(PrefixCache::new(config.prefix_cache_blocks)));
         Arc::new(MockState {
             config,
             fingerprint,
@@ -127,6 +140,9 @@ impl MockState {
             success_length: AtomicU64::new(0),
             success_abort: AtomicU64::new(0),
             next_block_id: AtomicU64::new(1),
+            prefix_cache,
+            prefix_query_bytes: AtomicU64::new(0),
+            prefix_hit_bytes: AtomicU64::new(0),
             received: Mutex::new(VecDeque::new()),
             shutdown,
         })
@@ -148,6 +164,8 @@ impl MockState {
             prefill_legs: self.prefill_legs.load(Relaxed),
             decode_legs: self.decode_legs.load(Relaxed),
             injected_errors: self.injected_errors.load(Relaxed),
+            prefix_cache_queries: self.prefix_cache_queries(),
+            prefix_cache_hits: self.prefix_cache_hits(),
         }
     }
 
@@ -228,6 +246,51 @@ impl MockState {
             _ => &self.success_stop,
         };
         counter.fetch_add(choices, Relaxed);
+    }
+
+    /// Whether a prompt's routing text matters (the prefix cache or the prefill cost is on).
+    pub(crate) fn models_prefill(&self) -> bool {
+        self.prefix_cache.is_some() || !self.config.prefill_per_kb.is_zero()
+    }
+
+    /// An empty block list for the next prompt, sized for a body of `body_len` bytes.
+    pub(crate) fn prompt_blocks(&self, body_len: usize) -> PromptBlocks {
+        if self.prefix_cache.is_some() {
+            PromptBlocks::new(self.config.prefix_block_bytes, body_len)
+        } else {
+            PromptBlocks::length_only()
+        }
+    }
+
+    /// Look a prompt up in the prefix cache, insert its blocks and count the query.
+    pub(crate) fn prefix_lookup(&self, blocks: &PromptBlocks) -> PrefixHit {
+        let prompt_bytes = blocks.len();
+        let Some(cache) = &self.prefix_cache else {
+            return PrefixHit {
+                cached_bytes: 0,
+                prompt_bytes,
+            };
+        };
+        let hit_blocks = cache.lock().unwrap().lookup_and_insert(blocks);
+        let cached_bytes = hit_blocks * blocks.block_bytes();
+        self.prefix_query_bytes
+            .fetch_add(prompt_bytes as u64, Relaxed);
+        self.prefix_hit_bytes
+            .fetch_add(cached_bytes as u64, Relaxed);
+        PrefixHit {
+            cached_bytes,
+            prompt_bytes,
+        }
+    }
+
+    /// `vllm:prefix_cache_queries_total`, in tokens of 4 bytes.
+    pub(crate) fn prefix_cache_queries(&self) -> u64 {
+        self.prefix_query_bytes.load(Relaxed) / 4
+    }
+
+    /// `vllm:prefix_cache_hits_total`, in tokens of 4 bytes.
+    pub(crate) fn prefix_cache_hits(&self) -> u64 {
+        self.prefix_hit_bytes.load(Relaxed) / 4
     }
 
     pub(crate) fn kv_cache_usage(&self, running: u64) -> f64 {
