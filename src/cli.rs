@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use clap::{ArgAction, Parser, ValueEnum};
-use shards::{DataPlaneConfig, IoDriver, Policy, WorkerSet};
+use shards::{DataPlaneConfig, IoDriver, Policy, PolicyConfig, WorkerSet};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -27,10 +27,43 @@ pub struct Cli {
     #[arg(long, num_args = 1.., value_name = "URL")]
     pub worker_urls: Vec<String>,
 
-    /// Routing policy: round_robin, random, consistent_hash, power_of_two, cache_aware.
-    /// (vllm-router defaults to cache_aware; until that policy lands the default is round_robin.)
-    #[arg(long, default_value = "round_robin", value_parser = parse_policy)]
+    /// Routing policy: round_robin, random, consistent_hash, power_of_two, cache_aware,
+    /// or load_aware (ringrouter's).
+    #[arg(long, default_value = "cache_aware", value_parser = parse_policy)]
     pub policy: Policy,
+
+    /// Policy for prefill workers in P/D mode (default: --policy).
+    #[arg(long, value_parser = parse_policy)]
+    pub prefill_policy: Option<Policy>,
+
+    /// Policy for decode workers in P/D mode (default: --policy).
+    #[arg(long, value_parser = parse_policy)]
+    pub decode_policy: Option<Policy>,
+
+    /// cache_aware: least prefix match ratio that routes by cache.
+    #[arg(long, default_value_t = 0.3, value_parser = parse_ratio)]
+    pub cache_threshold: f64,
+
+    /// cache_aware: load is imbalanced when max − min in-flight exceeds this ...
+    #[arg(long, default_value_t = 64)]
+    pub balance_abs_threshold: u32,
+
+    /// ... and max exceeds min times this.
+    #[arg(long, default_value_t = 1.5, value_parser = parse_positive)]
+    pub balance_rel_threshold: f64,
+
+    /// cache_aware: vllm-router trims its tree every this many seconds; ringrouter's prefix
+    /// index stays within --max-tree-size at all times, so this is accepted and not needed.
+    #[arg(long, default_value_t = 120)]
+    pub eviction_interval_secs: u64,
+
+    /// cache_aware / load_aware: bound of the prefix index, in bytes of routing text.
+    #[arg(long, default_value_t = 67_108_864, value_parser = clap::value_parser!(u64).range(64..))]
+    pub max_tree_size: u64,
+
+    /// [ringrouter] load_aware: how many queued requests a full prefix-cache hit is worth.
+    #[arg(long, default_value_t = 4.0, value_parser = parse_positive)]
+    pub load_aware_prefix_weight: f64,
 
     /// Largest request body accepted, in bytes (413 beyond).
     #[arg(long, default_value_t = 536_870_912)]
@@ -85,20 +118,22 @@ pub enum DriverArg {
     Epoll,
 }
 
-fn parse_policy(s: &str) -> Result<Policy, String> {
-    let p: Policy = s.parse()?;
-    if !p.is_available() {
-        let available: Vec<&str> = Policy::NAMES
-            .iter()
-            .copied()
-            .filter(|n| n.parse::<Policy>().is_ok_and(|p| p.is_available()))
-            .collect();
-        return Err(format!(
-            "policy '{s}' is not available yet in this build (available: {})",
-            available.join(", ")
-        ));
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("'{s}' is not a number between 0 and 1")),
     }
-    Ok(p)
+}
+
+fn parse_positive(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("'{s}' is not a non-negative number")),
+    }
+}
+
+fn parse_policy(s: &str) -> Result<Policy, String> {
+    s.parse()
 }
 
 impl Cli {
@@ -117,7 +152,13 @@ impl Cli {
             DriverArg::Uring => IoDriver::Uring,
             DriverArg::Epoll => IoDriver::Epoll,
         };
-        cfg.policy = self.policy;
+        let mut policy = PolicyConfig::new(self.policy);
+        policy.cache_threshold = self.cache_threshold;
+        policy.balance_abs_threshold = self.balance_abs_threshold;
+        policy.balance_rel_threshold = self.balance_rel_threshold;
+        policy.max_tree_size = self.max_tree_size as usize;
+        policy.prefix_weight = self.load_aware_prefix_weight;
+        cfg.policy = policy;
         cfg.max_payload_size = self.max_payload_size;
         cfg.max_header_bytes = self.max_header_size as usize;
         cfg.request_timeout = Duration::from_secs(self.request_timeout_secs);
@@ -134,7 +175,11 @@ mod tests {
     #[test]
     fn defaults_match_vllm_router() {
         let cli = Cli::try_parse_from(["ringrouter"]).unwrap();
-        assert_eq!(cli.policy, Policy::RoundRobin);
+        assert_eq!(cli.policy, Policy::CacheAware);
+        assert_eq!(cli.cache_threshold, 0.3);
+        assert_eq!(cli.balance_abs_threshold, 64);
+        assert_eq!(cli.balance_rel_threshold, 1.5);
+        assert_eq!(cli.eviction_interval_secs, 120);
         assert_eq!(cli.host.to_string(), "127.0.0.1");
         assert_eq!(cli.port, 30000);
         assert_eq!(cli.max_payload_size, 536_870_912);
@@ -166,13 +211,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("--port"), "{e}");
-        let e = Cli::try_parse_from(["ringrouter", "--policy", "cache_aware"])
+        let e = Cli::try_parse_from(["ringrouter", "--cache-threshold", "1.5"])
             .unwrap_err()
             .to_string();
-        assert!(
-            e.contains("--policy") && e.contains("not available yet"),
-            "{e}"
-        );
+        assert!(e.contains("--cache-threshold"), "{e}");
         let e = Cli::try_parse_from(["ringrouter", "--policy", "fastest"])
             .unwrap_err()
             .to_string();

@@ -8,12 +8,24 @@ use std::fmt;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 use sonic_rs::LazyValue;
 
-/// What the data plane needs from a request body. Borrowed from the body bytes.
+/// What the data plane needs from a request body. Borrowed from the body bytes; values
+/// are raw JSON (validated, not materialised).
 #[derive(Default)]
 pub struct RequestFields<'a> {
     /// The raw JSON of `model` (a string literal, quotes included), if present.
     pub model: Option<LazyValue<'a>>,
     pub stream: bool,
+    /// Session keys for consistent hashing, in the order they are consulted.
+    pub user: Option<LazyValue<'a>>,
+    pub session_id: Option<LazyValue<'a>>,
+    pub user_id: Option<LazyValue<'a>>,
+    pub session_params: Option<LazyValue<'a>>,
+    /// The text the model reads: completions `prompt`, chat `messages`, responses
+    /// `input`, generate `text`.
+    pub prompt: Option<LazyValue<'a>>,
+    pub messages: Option<LazyValue<'a>>,
+    pub input: Option<LazyValue<'a>>,
+    pub text: Option<LazyValue<'a>>,
 }
 
 impl RequestFields<'_> {
@@ -40,6 +52,14 @@ pub fn parse_fields(body: &[u8]) -> Result<RequestFields<'_>, BodyError> {
         return Err(BodyError(
             "request body is empty; expected a JSON object".into(),
         ));
+    }
+    // JSON text is UTF-8 (RFC 8259); checked up front because sonic-rs's lazy values
+    // assume it.
+    if let Err(e) = std::str::from_utf8(body) {
+        return Err(BodyError(format!(
+            "request body is not valid UTF-8 (at byte {})",
+            e.valid_up_to()
+        )));
     }
     sonic_rs::from_slice::<FieldsSeed>(body)
         .map(|f| f.0)
@@ -73,6 +93,16 @@ impl<'de> Visitor<'de> for FieldsVisitor {
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
             match key.as_ref() {
                 "model" => fields.model = Some(map.next_value::<LazyValue<'de>>()?),
+                "user" => fields.user = Some(map.next_value::<LazyValue<'de>>()?),
+                "session_id" => fields.session_id = Some(map.next_value::<LazyValue<'de>>()?),
+                "user_id" => fields.user_id = Some(map.next_value::<LazyValue<'de>>()?),
+                "session_params" => {
+                    fields.session_params = Some(map.next_value::<LazyValue<'de>>()?)
+                }
+                "prompt" => fields.prompt = Some(map.next_value::<LazyValue<'de>>()?),
+                "messages" => fields.messages = Some(map.next_value::<LazyValue<'de>>()?),
+                "input" => fields.input = Some(map.next_value::<LazyValue<'de>>()?),
+                "text" => fields.text = Some(map.next_value::<LazyValue<'de>>()?),
                 "stream" => {
                     fields.stream = match map.next_value::<Option<bool>>() {
                         Ok(v) => v.unwrap_or(false),

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::route::{Policy, WorkerSet};
+use crate::route::{Policy, PolicyConfig, WorkerSet};
 
 /// Which io driver each shard runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,7 +24,7 @@ pub struct DataPlaneConfig {
     pub pin_cores: bool,
     pub io_driver: IoDriver,
     pub workers: WorkerSet,
-    pub policy: Policy,
+    pub policy: PolicyConfig,
     /// Largest request body accepted (413 beyond).
     pub max_payload_size: usize,
     /// Largest request head accepted (431 beyond).
@@ -52,7 +52,7 @@ impl DataPlaneConfig {
             pin_cores: false,
             io_driver: IoDriver::Auto,
             workers,
-            policy: Policy::RoundRobin,
+            policy: PolicyConfig::new(Policy::RoundRobin),
             max_payload_size: 536_870_912,
             max_header_bytes: 64 * 1024,
             request_timeout: Duration::from_secs(1800),

@@ -18,8 +18,9 @@ pub mod http;
 pub mod proxy;
 pub mod route;
 pub mod shard;
+pub mod sync;
 pub mod upstream;
 
 pub use config::{DataPlaneConfig, IoDriver};
-pub use route::{Policy, Worker, WorkerSet};
+pub use route::{Policy, PolicyConfig, Worker, WorkerSet};
 pub use shard::{start, DataPlane, ShardInfo};

@@ -27,9 +27,11 @@ use crate::body::parse_fields;
 use crate::config::DataPlaneConfig;
 use crate::http::response::write_simple;
 use crate::http::{ApiError, BodyFraming, ChunkedDecoder, Method, ParseOutcome, RequestHead};
-use crate::route::{Selector, WorkerSet};
+use crate::route::key::{body_session_key, routing_text, SESSION_HEADERS};
+use crate::route::{Candidates, RouteInput, Selector, WorkerSet};
+use crate::sync::LoadBoard;
 use crate::upstream::request::write_upstream_head;
-use crate::upstream::response::write_client_head;
+use crate::upstream::response::{write_client_head, ClientHead};
 use crate::upstream::{Pool, ResponseFraming, ResponseHead};
 
 type ClientRd = OwnedReadHalf<TcpStream>;
@@ -41,8 +43,11 @@ pub struct Shard {
     pub cfg: DataPlaneConfig,
     pub workers: WorkerSet,
     pub selector: RefCell<Selector>,
+    pub board: std::sync::Arc<LoadBoard>,
     pub pool: RefCell<Pool>,
     pub ids: RequestIds,
+    /// Whether to ask workers for their in-band load report (load-using policies).
+    pub asks_for_load: bool,
 }
 
 /// Request ids for clients that sent none: a random per-shard prefix and a counter.
@@ -370,6 +375,7 @@ async fn route_request(
     };
     let close = !b.head.keep_alive;
     let head_only = method == Method::Head;
+    let mut routed: Option<Candidates> = None;
     let local: Option<(u16, &str, Vec<u8>)> = match (method, path) {
         (Method::Get | Method::Head, b"/health") | (Method::Get | Method::Head, b"/readiness") => {
             let usable = shard.workers.len();
@@ -394,7 +400,11 @@ async fn route_request(
                 Body::Decoded { .. } => &b.decoded[..],
             };
             match parse_fields(bytes) {
-                Ok(_fields) => None,
+                Ok(fields) => {
+                    let head_bytes = &b.inbuf[s..s + b.head.len];
+                    routed = Some(choose_workers(shard, &b.head, head_bytes, Some(&fields)));
+                    None
+                }
                 Err(e) => Some((400, "application/json", ApiError::bad_request(e.0).body())),
             }
         }
@@ -421,7 +431,40 @@ async fn route_request(
         respond_error(wr, b, &ApiError::new(503, "no worker is available"), close).await;
         return Next::KeepAlive;
     }
-    proxy(shard, rd, wr, b, body).await
+    let candidates = match routed {
+        Some(c) => c,
+        None => choose_workers(shard, &b.head, &b.inbuf[s..s + b.head.len], None),
+    };
+    proxy(shard, rd, wr, b, body, candidates).await
+}
+
+/// The policy's candidates for this request, from its session key (headers first, then
+/// body fields) and routing text, as far as the policy reads them.
+fn choose_workers(
+    shard: &Shard,
+    head: &RequestHead,
+    head_bytes: &[u8],
+    fields: Option<&crate::body::RequestFields<'_>>,
+) -> Candidates {
+    let mut selector = shard.selector.borrow_mut();
+    let policy = selector.policy();
+    let mut segments: Vec<&[u8]> = Vec::new();
+    let mut session_key = None;
+    if policy == crate::route::Policy::ConsistentHash {
+        session_key = SESSION_HEADERS
+            .iter()
+            .find_map(|h| head.header(head_bytes, h).filter(|v| !v.is_empty()))
+            .or_else(|| fields.and_then(body_session_key));
+    }
+    if policy.reads_text() && session_key.is_none() {
+        if let Some(f) = fields {
+            routing_text(f, &mut segments);
+        }
+    }
+    selector.candidates(&RouteInput {
+        session_key,
+        text: &segments,
+    })
 }
 
 /// Why waiting on a worker stopped early.
@@ -483,6 +526,7 @@ async fn proxy(
     wr: &mut ClientWr,
     b: &mut Buffers,
     body: &Body,
+    candidates: Candidates,
 ) -> Next {
     let canceller = Canceller::new();
     let mut watch_buf = std::mem::take(&mut b.watch);
@@ -497,7 +541,7 @@ async fn proxy(
         state: WatchState::Pending,
         deadline,
     };
-    let next = exchange(shard, &mut watch, wr, b, body).await;
+    let next = exchange(shard, &mut watch, wr, b, body, candidates).await;
     let pipelined = match std::mem::replace(&mut watch.state, WatchState::Gone) {
         WatchState::Pending => {
             let _ = canceller.cancel();
@@ -552,15 +596,37 @@ fn abort_upstream(up: &TcpStream) {
     }
 }
 
+/// A request counted in its worker's load on the board while this lives.
+struct InFlight<'a> {
+    board: &'a LoadBoard,
+    shard: usize,
+    worker: usize,
+}
+
+impl<'a> InFlight<'a> {
+    fn start(shard: &'a Shard, worker: usize) -> Self {
+        shard.board.started(shard.id, worker);
+        InFlight {
+            board: &shard.board,
+            shard: shard.id,
+            worker,
+        }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.board.finished(self.shard, self.worker);
+    }
+}
+
 /// What happened on one attempt to get a response head from a worker.
 enum Attempt {
-    Head(TcpStream, ResponseHead),
+    /// The worker's head; whether the router asked for its load report.
+    Head(TcpStream, ResponseHead, bool),
     /// Nothing reached the worker that it could have acted on: try again, on the same
     /// worker with a fresh connection when only a pooled connection was stale.
-    Retry {
-        error: String,
-        same_worker: bool,
-    },
+    Retry { error: String, same_worker: bool },
     /// Answered to the client, or the client is gone.
     Done(Next),
 }
@@ -573,17 +639,25 @@ async fn exchange<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     wr: &mut ClientWr,
     b: &mut Buffers,
     body: &Body,
+    candidates: Candidates,
 ) -> Next {
     let close = !b.head.keep_alive;
-    let candidates = shard.selector.borrow_mut().candidates(shard.workers.len());
     let mut last_error = String::new();
     for worker in candidates {
+        // Counted in the worker's load from the moment it is chosen until its response
+        // ended (a stream's last byte), on whichever path this attempt leaves.
+        let _in_flight = InFlight::start(shard, worker);
         // Stale pooled connections are retried on the same worker; the pool drops each
         // one it hands out that failed, so this ends.
         loop {
             match attempt(shard, watch, wr, b, body, worker).await {
-                Attempt::Head(up, head) => {
-                    return relay_body(shard, watch, wr, b, worker, up, head, close).await
+                Attempt::Head(up, head, asked_load) => {
+                    let how = ClientHead {
+                        close,
+                        dechunk: false,
+                        strip_load_report: asked_load,
+                    };
+                    return relay_body(shard, watch, wr, b, worker, up, head, how).await;
                 }
                 Attempt::Retry { error, same_worker } => {
                     last_error = error;
@@ -632,13 +706,14 @@ async fn attempt<W: Future<Output = BufResult<usize, Vec<u8>>>>(
         Body::Decoded { .. } => (b.decoded.len(), false),
     };
     b.out.clear();
-    write_upstream_head(
+    let asked_load = write_upstream_head(
         &mut b.out,
         &b.inbuf[s..s + head_len],
         &b.head,
         &w.authority,
         &b.rid,
         body_len,
+        shard.asks_for_load,
     );
     let coalesce = body_len <= COALESCE_BODY;
     if coalesce {
@@ -708,7 +783,17 @@ async fn attempt<W: Future<Output = BufResult<usize, Vec<u8>>>>(
                 b.upbuf.drain(..head.len);
                 continue;
             }
-            Ok(Some(head)) => return Attempt::Head(up, head),
+            Ok(Some(head)) => {
+                if let Some((waiting, kv)) = head.load_report {
+                    if let Some(n) = waiting {
+                        shard.board.set_waiting(worker, n);
+                    }
+                    if let Some(u) = kv {
+                        shard.board.set_kv_usage(worker, u);
+                    }
+                }
+                return Attempt::Head(up, head, asked_load);
+            }
             Ok(None) if b.upbuf.len() >= MAX_RESPONSE_HEAD => {
                 abort_upstream(&up);
                 return bad_gateway(wr, b, "worker response head too large", close).await;
@@ -829,7 +914,7 @@ async fn relay_body<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     worker: usize,
     mut up: TcpStream,
     head: ResponseHead,
-    close_client: bool,
+    mut how: ClientHead,
 ) -> Next {
     let mut left = match head.framing {
         ResponseFraming::None => BodyLeft::Done,
@@ -842,9 +927,11 @@ async fn relay_body<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     // An HTTP/1.0 client cannot read chunked framing: it gets the payload, delimited by
     // the connection closing.
     let dechunk = b.head.minor_version == 0 && head.framing == ResponseFraming::Chunked;
-    let close_client = close_client || dechunk;
+    how.dechunk = dechunk;
+    how.close |= dechunk;
+    let close_client = how.close;
     b.out.clear();
-    write_client_head(&mut b.out, &b.upbuf, &head, &b.rid, close_client, dechunk);
+    write_client_head(&mut b.out, &b.upbuf, &head, &b.rid, how);
     let early = &b.upbuf[head.len..];
     let payload = if dechunk { Some(&mut b.out) } else { None };
     let Ok(n) = left.take(early, payload) else {

@@ -16,6 +16,7 @@ use monoio::{FusionRuntime, IoUringDriver, LegacyDriver, RuntimeBuilder};
 use crate::config::{DataPlaneConfig, IoDriver};
 use crate::proxy::{serve_connection, Shard};
 use crate::route::Selector;
+use crate::sync::{LoadBoard, PrefixFeed};
 use crate::upstream::Pool;
 
 /// What a shard reports once it is serving.
@@ -88,6 +89,8 @@ pub fn start(cfg: DataPlaneConfig) -> Result<DataPlane, String> {
         Vec::new()
     };
     let mut listen = cfg.listen;
+    let board = std::sync::Arc::new(LoadBoard::new(cfg.shards, cfg.workers.len()));
+    let mut feeds = PrefixFeed::mesh(cfg.shards).into_iter();
     let mut infos = Vec::with_capacity(cfg.shards);
     let mut threads = Vec::with_capacity(cfg.shards);
     // Shard 0 binds first so that port 0 resolves to one port that the others share.
@@ -100,9 +103,11 @@ pub fn start(cfg: DataPlaneConfig) -> Result<DataPlane, String> {
         let (tx, rx) = mpsc::channel::<Result<(ShardInfo, SocketAddr), String>>();
         let mut shard_cfg = cfg.clone();
         shard_cfg.listen = listen;
+        let board = board.clone();
+        let feed = feeds.next();
         let t = std::thread::Builder::new()
             .name(format!("shard-{id}"))
-            .spawn(move || run_shard(id, core, shard_cfg, tx))
+            .spawn(move || run_shard(id, core, shard_cfg, board, feed, tx))
             .map_err(|e| format!("cannot spawn shard thread: {e}"))?;
         match rx.recv() {
             Ok(Ok((info, addr))) => {
@@ -125,6 +130,8 @@ fn run_shard(
     id: usize,
     core: Option<core_affinity::CoreId>,
     cfg: DataPlaneConfig,
+    board: std::sync::Arc<LoadBoard>,
+    feed: Option<PrefixFeed>,
     ready: mpsc::Sender<Result<(ShardInfo, SocketAddr), String>>,
 ) {
     let pinned = core
@@ -154,15 +161,24 @@ fn run_shard(
             core: pinned,
         };
         let _ = ready.send(Ok((info, addr)));
+        let names: Vec<String> = cfg.workers.iter().map(|w| w.url.clone()).collect();
         let shard = Rc::new(Shard {
             id,
-            selector: RefCell::new(Selector::new(cfg.policy, id)),
+            selector: RefCell::new(Selector::new(
+                cfg.policy.clone(),
+                id,
+                &names,
+                board.clone(),
+                feed,
+            )),
+            board,
             pool: RefCell::new(Pool::new(
                 cfg.workers.len(),
                 cfg.pool_max_idle_per_worker,
                 cfg.upstream_idle_timeout,
             )),
             ids: crate::proxy::RequestIds::new(id),
+            asks_for_load: cfg.policy.policy.uses_load(),
             workers: cfg.workers.clone(),
             cfg,
         });

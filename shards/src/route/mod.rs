@@ -4,8 +4,11 @@
 //! (as Pingora's `BackendSelection::iter`), and the proxy walks them until one is usable.
 //! One mechanism serves connect-failure fallback now and health skipping and retries later.
 
+pub mod key;
 mod policy;
+pub mod prefix;
+pub mod ring;
 mod worker;
 
-pub use policy::{Candidates, Policy, Selector};
+pub use policy::{Candidates, Policy, PolicyConfig, RouteInput, Selector, SelectorStats};
 pub use worker::{parse_worker_url, Worker, WorkerSet, WorkerUrlError};

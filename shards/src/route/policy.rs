@@ -1,9 +1,15 @@
-//! Routing policies and the per-shard selector state they need (round-robin cursor, RNG).
-//! `round_robin` and `random` are built; the other vllm-router names parse so that the
-//! CLI can say clearly that they are not available yet.
+//! Routing policies and the per-shard selector state they need: round-robin cursor, RNG,
+//! hash ring, prefix index. Each shard decides alone from its own state and the shared
+//! load board; no locks on the request path.
 
 use std::fmt;
+use std::hash::Hasher;
 use std::str::FromStr;
+use std::sync::Arc;
+
+use super::prefix::{block_hashes, worker_bit, PrefixIndex, WorkerMask, BLOCK};
+use super::ring::HashRing;
+use crate::sync::{LoadBoard, PrefixFeed};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Policy {
@@ -12,15 +18,17 @@ pub enum Policy {
     ConsistentHash,
     PowerOfTwo,
     CacheAware,
+    LoadAware,
 }
 
 impl Policy {
-    pub const NAMES: [&'static str; 5] = [
+    pub const NAMES: [&'static str; 6] = [
         "round_robin",
         "random",
         "consistent_hash",
         "power_of_two",
         "cache_aware",
+        "load_aware",
     ];
 
     pub fn name(self) -> &'static str {
@@ -30,12 +38,24 @@ impl Policy {
             Policy::ConsistentHash => "consistent_hash",
             Policy::PowerOfTwo => "power_of_two",
             Policy::CacheAware => "cache_aware",
+            Policy::LoadAware => "load_aware",
         }
     }
 
-    /// Whether this build routes with the policy.
-    pub fn is_available(self) -> bool {
-        matches!(self, Policy::RoundRobin | Policy::Random)
+    /// Policies that read the request's routing text (prompt or messages).
+    pub fn reads_text(self) -> bool {
+        matches!(
+            self,
+            Policy::ConsistentHash | Policy::CacheAware | Policy::LoadAware
+        )
+    }
+
+    /// Policies that use load reports from workers.
+    pub fn uses_load(self) -> bool {
+        matches!(
+            self,
+            Policy::PowerOfTwo | Policy::CacheAware | Policy::LoadAware
+        )
     }
 }
 
@@ -54,6 +74,7 @@ impl FromStr for Policy {
             "consistent_hash" => Policy::ConsistentHash,
             "power_of_two" => Policy::PowerOfTwo,
             "cache_aware" => Policy::CacheAware,
+            "load_aware" => Policy::LoadAware,
             _ => {
                 return Err(format!(
                     "unknown policy '{s}' (expected one of: {})",
@@ -64,64 +85,342 @@ impl FromStr for Policy {
     }
 }
 
+/// Policy settings (vllm-router's names and defaults).
+#[derive(Clone, Debug)]
+pub struct PolicyConfig {
+    pub policy: Policy,
+    /// cache_aware: least prefix match ratio that routes by cache.
+    pub cache_threshold: f64,
+    /// cache_aware: load is imbalanced when max − min > this ...
+    pub balance_abs_threshold: u32,
+    /// ... and max > min × this.
+    pub balance_rel_threshold: f64,
+    /// Prefix index bound, in bytes of routing text (blocks of 64 bytes).
+    pub max_tree_size: usize,
+    /// load_aware: how many queued requests a full prefix hit is worth.
+    pub prefix_weight: f64,
+}
+
+impl PolicyConfig {
+    pub fn new(policy: Policy) -> Self {
+        PolicyConfig {
+            policy,
+            cache_threshold: 0.3,
+            balance_abs_threshold: 64,
+            balance_rel_threshold: 1.5,
+            max_tree_size: 1 << 26,
+            prefix_weight: 4.0,
+        }
+    }
+}
+
+/// What a request offers the policy.
+#[derive(Default)]
+pub struct RouteInput<'a> {
+    /// Session key (header or body field), for consistent hashing.
+    pub session_key: Option<&'a [u8]>,
+    /// The routing text, as segments.
+    pub text: &'a [&'a [u8]],
+}
+
+/// Counters a selector keeps (summed into metrics later).
+#[derive(Default, Debug, Clone)]
+pub struct SelectorStats {
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+}
+
 /// A shard's policy state. Single-threaded: lives in the shard, never shared.
 pub struct Selector {
-    policy: Policy,
+    cfg: PolicyConfig,
+    shard: usize,
+    workers: usize,
     cursor: usize,
     rng: fastrand::Rng,
+    ring: Option<HashRing>,
+    prefix: Option<PrefixIndex>,
+    feed: Option<PrefixFeed>,
+    board: Arc<LoadBoard>,
+    hashes: Vec<u64>,
+    fresh: Vec<u64>,
+    depth: Vec<u16>,
+    pub stats: SelectorStats,
 }
 
 impl Selector {
-    /// `shard` offsets the round-robin cursor so shards do not start in lockstep.
-    pub fn new(policy: Policy, shard: usize) -> Self {
+    /// `names` identify the workers (their URLs) for the hash ring.
+    pub fn new(
+        cfg: PolicyConfig,
+        shard: usize,
+        names: &[String],
+        board: Arc<LoadBoard>,
+        feed: Option<PrefixFeed>,
+    ) -> Self {
+        let p = cfg.policy;
         Selector {
-            policy,
+            shard,
+            workers: names.len(),
             cursor: shard,
             rng: fastrand::Rng::new(),
+            ring: (p == Policy::ConsistentHash).then(|| HashRing::new(names)),
+            prefix: matches!(p, Policy::CacheAware | Policy::LoadAware)
+                .then(|| PrefixIndex::new((cfg.max_tree_size / BLOCK).max(1))),
+            feed,
+            board,
+            hashes: Vec::new(),
+            fresh: Vec::new(),
+            depth: Vec::new(),
+            stats: SelectorStats::default(),
+            cfg,
         }
+    }
+
+    pub fn policy(&self) -> Policy {
+        self.cfg.policy
+    }
+
+    pub fn prefix_len(&self) -> usize {
+        self.prefix.as_ref().map_or(0, |p| p.len())
     }
 
     /// The workers to try for one request, best first. Each worker appears once.
-    pub fn candidates(&mut self, n_workers: usize) -> Candidates {
-        if n_workers == 0 {
-            return Candidates {
-                start: 0,
-                n: 0,
-                taken: 0,
-            };
+    pub fn candidates(&mut self, input: &RouteInput<'_>) -> Candidates {
+        let n = self.workers;
+        if n == 0 {
+            return Candidates::sequential(0, 0);
         }
-        let start = match self.policy {
-            Policy::Random => self.rng.usize(..n_workers),
-            _ => {
-                let s = self.cursor % n_workers;
+        match self.cfg.policy {
+            Policy::RoundRobin => {
+                let s = self.cursor % n;
                 self.cursor = self.cursor.wrapping_add(1);
-                s
+                Candidates::sequential(s, n)
             }
-        };
-        Candidates {
-            start,
-            n: n_workers,
-            taken: 0,
+            Policy::Random => Candidates::sequential(self.rng.usize(..n), n),
+            Policy::ConsistentHash => self.consistent_hash(input),
+            Policy::PowerOfTwo => self.power_of_two(),
+            Policy::CacheAware | Policy::LoadAware => self.prefix_aware(input),
         }
+    }
+
+    fn consistent_hash(&mut self, input: &RouteInput<'_>) -> Candidates {
+        let n = self.workers;
+        let ring = self.ring.as_ref().expect("ring for consistent_hash");
+        let mut c = Candidates::sequential(0, n);
+        let walk = match input.session_key {
+            Some(k) => ring.walk(k),
+            None if super::key::text_len(input.text) > 0 => {
+                let mut h = super::ring::text_hasher();
+                for s in input.text {
+                    h.write(s);
+                }
+                ring.walk_hash(h.finish())
+            }
+            None => return Candidates::sequential(self.rng.usize(..n), n),
+        };
+        for w in walk.take(Candidates::PREFERRED) {
+            c.prefer(w);
+        }
+        c
+    }
+
+    fn power_of_two(&mut self) -> Candidates {
+        let n = self.workers;
+        let mut c = Candidates::sequential(self.rng.usize(..n), n);
+        if n == 1 {
+            return c;
+        }
+        let a = self.rng.usize(..n);
+        let mut b = self.rng.usize(..n - 1);
+        if b >= a {
+            b += 1;
+        }
+        let key = |w: usize| (self.board.in_flight(w), self.board.waiting(w).unwrap_or(0));
+        let (first, second) = if key(b) < key(a) { (b, a) } else { (a, b) };
+        c.prefer(first);
+        c.prefer(second);
+        c
+    }
+
+    /// The least loaded of `among` (all workers when 0), ties broken at random so that
+    /// cold requests spread.
+    fn least_loaded(&mut self, among: WorkerMask) -> usize {
+        let mut best = usize::MAX;
+        let mut best_load = u64::MAX;
+        let mut ties = 0u32;
+        for w in 0..self.workers {
+            if among != 0 && among & worker_bit(w) == 0 {
+                continue;
+            }
+            let load = self.board.in_flight(w) as u64;
+            if load < best_load {
+                best = w;
+                best_load = load;
+                ties = 1;
+            } else if load == best_load {
+                ties += 1;
+                if self.rng.u32(..ties) == 0 {
+                    best = w;
+                }
+            }
+        }
+        best
+    }
+
+    fn prefix_aware(&mut self, input: &RouteInput<'_>) -> Candidates {
+        let n = self.workers;
+        // What the other shards routed since we last looked.
+        if let (Some(feed), Some(idx)) = (self.feed.as_ref(), self.prefix.as_mut()) {
+            for ins in feed.drain() {
+                idx.insert(&ins.hashes, ins.worker as usize, None);
+            }
+        }
+        let covered = block_hashes(input.text, &mut self.hashes);
+        let chosen = if self.cfg.policy == Policy::CacheAware {
+            self.cache_aware_pick(covered)
+        } else {
+            self.load_aware_pick(covered)
+        };
+        if let Some(idx) = self.prefix.as_mut() {
+            self.fresh.clear();
+            idx.insert(&self.hashes, chosen, Some(&mut self.fresh));
+            if let Some(feed) = self.feed.as_mut() {
+                feed.publish(chosen, &self.fresh);
+            }
+        }
+        let mut c = Candidates::sequential((chosen + 1) % n, n);
+        c.prefer(chosen);
+        c
+    }
+
+    /// vllm-router's cache_aware: least loaded when the load is imbalanced; else the worker
+    /// with the longest cached prefix if the match ratio reaches the threshold; else the
+    /// least loaded.
+    fn cache_aware_pick(&mut self, covered: usize) -> usize {
+        let (mut max, mut min) = (0u32, u32::MAX);
+        for w in 0..self.workers {
+            let l = self.board.in_flight(w);
+            max = max.max(l);
+            min = min.min(l);
+        }
+        let imbalanced = max - min > self.cfg.balance_abs_threshold
+            && max as f64 > min as f64 * self.cfg.balance_rel_threshold;
+        if imbalanced {
+            return self.least_loaded(0);
+        }
+        let idx = self.prefix.as_mut().expect("prefix index");
+        let m = idx.longest_match(&self.hashes);
+        let ratio = if covered == 0 {
+            0.0
+        } else {
+            (m.blocks * BLOCK) as f64 / covered as f64
+        };
+        if m.blocks > 0 && ratio >= self.cfg.cache_threshold {
+            self.stats.cache_hits += 1;
+            self.least_loaded(m.workers)
+        } else {
+            self.stats.cache_misses += 1;
+            self.least_loaded(0)
+        }
+    }
+
+    /// load_aware: the lowest expected wait, counting a worker's queue (its in-flight
+    /// requests from every shard, plus what it reports waiting) against the prefix it
+    /// already holds: a full hit is worth `prefix_weight` queued requests. A worker whose
+    /// KV cache is nearly full pays extra (it is about to preempt). Cold requests (no match
+    /// anywhere) go to the least loaded, ties at random, so they spread.
+    fn load_aware_pick(&mut self, covered: usize) -> usize {
+        let idx = self.prefix.as_mut().expect("prefix index");
+        let total_blocks = self.hashes.len();
+        idx.depths(&self.hashes, self.workers, &mut self.depth);
+        let any_match = self.depth.iter().any(|&d| d > 0);
+        if !any_match || covered == 0 {
+            self.stats.cache_misses += 1;
+            return self.least_loaded(0);
+        }
+        self.stats.cache_hits += 1;
+        let mut best = 0;
+        let mut best_cost = f64::MAX;
+        let mut ties = 0u32;
+        for w in 0..self.workers {
+            let queue = self.board.in_flight(w) as f64 + self.board.waiting(w).unwrap_or(0) as f64;
+            let hit = if total_blocks == 0 {
+                0.0
+            } else {
+                self.depth.get(w).copied().unwrap_or(0) as f64 / total_blocks as f64
+            };
+            let kv_penalty = match self.board.kv_usage(w) {
+                Some(u) if u > 0.9 => (u - 0.9) * 10.0 * self.cfg.prefix_weight,
+                _ => 0.0,
+            };
+            let cost = queue + (1.0 - hit) * self.cfg.prefix_weight + kv_penalty;
+            if cost < best_cost - 1e-9 {
+                best = w;
+                best_cost = cost;
+                ties = 1;
+            } else if (cost - best_cost).abs() <= 1e-9 {
+                ties += 1;
+                if self.rng.u32(..ties) == 0 {
+                    best = w;
+                }
+            }
+        }
+        best
+    }
+
+    /// The shard this selector belongs to.
+    pub fn shard(&self) -> usize {
+        self.shard
     }
 }
 
-/// Worker indices in preference order: the policy's pick, then the others in ring order.
+/// Worker indices in preference order: up to `PREFERRED` picks of the policy, then every
+/// other worker in ring order from `start`.
 pub struct Candidates {
+    preferred: [u32; Candidates::PREFERRED],
+    npref: usize,
+    next_pref: usize,
     start: usize,
     n: usize,
     taken: usize,
 }
 
+impl Candidates {
+    pub const PREFERRED: usize = 4;
+
+    pub fn sequential(start: usize, n: usize) -> Self {
+        Candidates {
+            preferred: [0; Self::PREFERRED],
+            npref: 0,
+            next_pref: 0,
+            start,
+            n,
+            taken: 0,
+        }
+    }
+
+    fn prefer(&mut self, w: usize) {
+        if self.npref < Self::PREFERRED && !self.preferred[..self.npref].contains(&(w as u32)) {
+            self.preferred[self.npref] = w as u32;
+            self.npref += 1;
+        }
+    }
+}
+
 impl Iterator for Candidates {
     type Item = usize;
     fn next(&mut self) -> Option<usize> {
-        if self.taken == self.n {
-            return None;
+        if self.next_pref < self.npref {
+            self.next_pref += 1;
+            return Some(self.preferred[self.next_pref - 1] as usize);
         }
-        let i = (self.start + self.taken) % self.n;
-        self.taken += 1;
-        Some(i)
+        while self.taken < self.n {
+            let i = (self.start + self.taken) % self.n;
+            self.taken += 1;
+            if !self.preferred[..self.npref].contains(&(i as u32)) {
+                return Some(i);
+            }
+        }
+        None
     }
 }
 
@@ -129,35 +428,223 @@ impl Iterator for Candidates {
 mod tests {
     use super::*;
 
+    fn selector(policy: Policy, n: usize) -> (Selector, Arc<LoadBoard>) {
+        let board = Arc::new(LoadBoard::new(1, n));
+        let names: Vec<String> = (0..n).map(|i| format!("http://w{i}:8000")).collect();
+        (
+            Selector::new(PolicyConfig::new(policy), 0, &names, board.clone(), None),
+            board,
+        )
+    }
+
+    fn first(s: &mut Selector, input: &RouteInput<'_>) -> usize {
+        s.candidates(input).next().unwrap()
+    }
+
     #[test]
     fn round_robin_cycles_and_offers_every_worker_once() {
-        let mut s = Selector::new(Policy::RoundRobin, 0);
-        let firsts: Vec<usize> = (0..6).map(|_| s.candidates(3).next().unwrap()).collect();
+        let (mut s, _) = selector(Policy::RoundRobin, 3);
+        let none = RouteInput::default();
+        let firsts: Vec<usize> = (0..6).map(|_| first(&mut s, &none)).collect();
         assert_eq!(firsts, vec![0, 1, 2, 0, 1, 2]);
-        let all: Vec<usize> = s.candidates(3).collect();
-        assert_eq!(all, vec![0, 1, 2]);
-        let all: Vec<usize> = s.candidates(3).collect();
-        assert_eq!(all, vec![1, 2, 0]);
+        assert_eq!(s.candidates(&none).collect::<Vec<_>>(), vec![0, 1, 2]);
+        assert_eq!(s.candidates(&none).collect::<Vec<_>>(), vec![1, 2, 0]);
     }
 
     #[test]
     fn random_covers_all_workers() {
-        let mut s = Selector::new(Policy::Random, 0);
+        let (mut s, _) = selector(Policy::Random, 4);
         let mut seen = [0u32; 4];
         for _ in 0..400 {
-            seen[s.candidates(4).next().unwrap()] += 1;
+            seen[first(&mut s, &RouteInput::default())] += 1;
         }
         assert!(seen.iter().all(|&c| c > 40), "{seen:?}");
     }
 
     #[test]
-    fn parses_every_vllm_router_name() {
-        for n in Policy::NAMES {
-            assert_eq!(n.parse::<Policy>().unwrap().name(), n);
+    fn consistent_hash_is_sticky_per_key_and_walks_the_ring() {
+        let (mut s, _) = selector(Policy::ConsistentHash, 5);
+        let key = RouteInput {
+            session_key: Some(b"session-42"),
+            text: &[],
+        };
+        let order: Vec<usize> = s.candidates(&key).collect();
+        assert_eq!(order.len(), 5);
+        for _ in 0..10 {
+            assert_eq!(s.candidates(&key).collect::<Vec<_>>(), order);
         }
-        assert!("fastest"
-            .parse::<Policy>()
-            .unwrap_err()
-            .contains("round_robin"));
+        // Without a key, the text decides, the same way every time.
+        let text: [&[u8]; 2] = [b"Hello ", b"world"];
+        let by_text = RouteInput {
+            session_key: None,
+            text: &text,
+        };
+        let w = first(&mut s, &by_text);
+        assert!((0..10).all(|_| first(&mut s, &by_text) == w));
+    }
+
+    #[test]
+    fn power_of_two_prefers_the_less_loaded() {
+        let (mut s, board) = selector(Policy::PowerOfTwo, 2);
+        for _ in 0..5 {
+            board.started(0, 0);
+        }
+        for _ in 0..50 {
+            let c: Vec<usize> = s.candidates(&RouteInput::default()).collect();
+            assert_eq!(c, vec![1, 0]);
+        }
+        // Equal in-flight: the worker-reported queue breaks the tie.
+        for _ in 0..5 {
+            board.started(0, 1);
+        }
+        board.set_waiting(1, 9);
+        board.set_waiting(0, 1);
+        assert!((0..50).all(|_| first(&mut s, &RouteInput::default()) == 0));
+    }
+
+    fn prompt(group: usize, i: usize) -> String {
+        format!(
+            "{}{}",
+            format!("group-{group}-").repeat(120),
+            format!("unique-{i}-").repeat(40)
+        )
+    }
+
+    #[test]
+    fn cache_aware_keeps_a_prefix_group_on_one_worker_while_balanced() {
+        let (mut s, _) = selector(Policy::CacheAware, 4);
+        let mut owner = [usize::MAX; 8];
+        for i in 0..200 {
+            let g = i % 8;
+            let p = prompt(g, i);
+            let text = [p.as_bytes()];
+            let w = first(
+                &mut s,
+                &RouteInput {
+                    session_key: None,
+                    text: &text,
+                },
+            );
+            if owner[g] == usize::MAX {
+                owner[g] = w;
+            }
+            assert_eq!(w, owner[g], "group {g} moved at request {i}");
+        }
+        assert!(s.stats.cache_hits >= 190);
+    }
+
+    #[test]
+    fn cache_aware_moves_to_the_least_loaded_when_imbalanced() {
+        let (mut s, board) = selector(Policy::CacheAware, 2);
+        let (pa, pc) = (prompt(1, 0), prompt(2, 0));
+        let (ta, tc) = ([pa.as_bytes()], [pc.as_bytes()]);
+        let a = RouteInput {
+            session_key: None,
+            text: &ta,
+        };
+        let c = RouteInput {
+            session_key: None,
+            text: &tc,
+        };
+        // Worker 1 is a little busy, so both groups start on worker 0 and stay there.
+        board.started(0, 1);
+        assert_eq!(first(&mut s, &a), 0);
+        assert_eq!(first(&mut s, &c), 0);
+        board.finished(0, 1);
+        assert_eq!(first(&mut s, &a), 0);
+        // Pile load on worker 0 past both thresholds (max − min > 64, max > 1.5 × min).
+        for _ in 0..100 {
+            board.started(0, 0);
+        }
+        assert_eq!(first(&mut s, &a), 1, "imbalanced: least loaded");
+        // Past the relative threshold no more (100 vs 80): group C, held only by worker 0,
+        // goes back to its cache although worker 0 is the busier.
+        for _ in 0..80 {
+            board.started(0, 1);
+        }
+        assert_eq!(first(&mut s, &c), 0, "balanced: affinity");
+    }
+
+    #[test]
+    fn load_aware_keeps_affinity_but_not_into_a_hot_spot() {
+        let (mut s, board) = selector(Policy::LoadAware, 4);
+        let p = prompt(3, 0);
+        let text = [p.as_bytes()];
+        let input = RouteInput {
+            session_key: None,
+            text: &text,
+        };
+        let w = first(&mut s, &input);
+        assert_eq!(first(&mut s, &input), w, "affinity while idle");
+        for _ in 0..3 {
+            board.started(0, w);
+        }
+        assert_eq!(first(&mut s, &input), w, "a short queue is worth the hit");
+        for _ in 0..10 {
+            board.started(0, w);
+        }
+        assert_ne!(first(&mut s, &input), w, "a long queue is not");
+    }
+
+    #[test]
+    fn cold_requests_spread() {
+        for policy in [Policy::CacheAware, Policy::LoadAware] {
+            let (mut s, _) = selector(policy, 4);
+            let mut count = [0u32; 4];
+            for i in 0..400 {
+                let p = format!("{i:06}") + &"x".repeat(20);
+                let text = [p.as_bytes()];
+                count[first(
+                    &mut s,
+                    &RouteInput {
+                        session_key: None,
+                        text: &text,
+                    },
+                )] += 1;
+            }
+            assert!(count.iter().all(|&c| c > 50), "{policy}: {count:?}");
+        }
+    }
+
+    #[test]
+    fn an_insert_on_one_shard_steers_the_other() {
+        let board = Arc::new(LoadBoard::new(2, 4));
+        let names: Vec<String> = (0..4).map(|i| format!("http://w{i}:8000")).collect();
+        let mut feeds = PrefixFeed::mesh(2).into_iter();
+        let mut a = Selector::new(
+            PolicyConfig::new(Policy::CacheAware),
+            0,
+            &names,
+            board.clone(),
+            feeds.next(),
+        );
+        let mut b = Selector::new(
+            PolicyConfig::new(Policy::CacheAware),
+            1,
+            &names,
+            board,
+            feeds.next(),
+        );
+        for g in 0..4 {
+            let p = prompt(g, 0);
+            let text = [p.as_bytes()];
+            let wa = first(
+                &mut a,
+                &RouteInput {
+                    session_key: None,
+                    text: &text,
+                },
+            );
+            let p2 = prompt(g, 1);
+            let text2 = [p2.as_bytes()];
+            let wb = first(
+                &mut b,
+                &RouteInput {
+                    session_key: None,
+                    text: &text2,
+                },
+            );
+            assert_eq!(wa, wb, "group {g}: shard B follows shard A's insert");
+        }
     }
 }

@@ -19,6 +19,9 @@ fn set_by_proxy(name: &[u8]) -> bool {
 }
 
 /// Writes the upstream request head for `req` (whose spans index `head`) into `out`.
+/// With `ask_load`, asks vLLM for its in-band load report (`endpoint-load-metrics`) unless
+/// the client asked already; returns whether the router asked (then the report is the
+/// router's, not the client's).
 pub fn write_upstream_head(
     out: &mut Vec<u8>,
     head: &[u8],
@@ -26,7 +29,8 @@ pub fn write_upstream_head(
     authority: &str,
     request_id: &[u8],
     body_len: usize,
-) {
+    ask_load: bool,
+) -> bool {
     out.extend_from_slice(&head[req.method_span.clone()]);
     out.push(b' ');
     out.extend_from_slice(&head[req.path.clone()]);
@@ -58,13 +62,21 @@ pub fn write_upstream_head(
     out.extend_from_slice(b"x-request-id: ");
     out.extend_from_slice(request_id);
     out.extend_from_slice(b"\r\n");
+    let asked = ask_load && req.header(head, LOAD_FORMAT).is_none();
+    if asked {
+        out.extend_from_slice(b"endpoint-load-metrics-format: TEXT\r\n");
+    }
     if body_len > 0 || req.method() == crate::http::Method::Post {
         out.extend_from_slice(b"content-length: ");
         out.extend_from_slice(itoa::Buffer::new().format(body_len).as_bytes());
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
+    asked
 }
+
+/// The request header that makes vLLM report its load in the response.
+pub const LOAD_FORMAT: &[u8] = b"endpoint-load-metrics-format";
 
 #[cfg(test)]
 mod tests {
@@ -76,10 +88,43 @@ mod tests {
         let mut req = RequestHead::default();
         req.parse(raw, 8192).unwrap();
         let mut out = Vec::new();
-        write_upstream_head(&mut out, raw, &req, "127.0.0.1:8000", b"client-id", 5);
+        let asked = write_upstream_head(
+            &mut out,
+            raw,
+            &req,
+            "127.0.0.1:8000",
+            b"client-id",
+            5,
+            false,
+        );
+        assert!(!asked);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "POST /v1/completions?x=1 HTTP/1.1\r\nhost: 127.0.0.1:8000\r\nAuthorization: Bearer k\r\nTraceparent: 00-abc-01\r\nx-request-id: client-id\r\ncontent-length: 5\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn asks_for_load_unless_the_client_did() {
+        let raw = b"POST /v1/completions HTTP/1.1\r\nHost: r\r\n\r\n";
+        let mut req = RequestHead::default();
+        req.parse(raw, 8192).unwrap();
+        let mut out = Vec::new();
+        assert!(write_upstream_head(
+            &mut out, raw, &req, "w:1", b"id", 2, true
+        ));
+        assert!(String::from_utf8_lossy(&out).contains("endpoint-load-metrics-format: TEXT\r\n"));
+        let raw = b"POST /v1/completions HTTP/1.1\r\nendpoint-load-metrics-format: JSON\r\n\r\n";
+        req.parse(raw, 8192).unwrap();
+        out.clear();
+        assert!(!write_upstream_head(
+            &mut out, raw, &req, "w:1", b"id", 2, true
+        ));
+        let text = String::from_utf8_lossy(&out).into_owned();
+        assert_eq!(
+            text.matches("endpoint-load-metrics-format").count(),
+            1,
+            "{text}"
         );
     }
 }

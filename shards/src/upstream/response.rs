@@ -27,6 +27,8 @@ pub struct ResponseHead {
     /// The worker will keep the connection open after this response.
     pub reusable: bool,
     pub has_request_id: bool,
+    /// vLLM's in-band load report (`endpoint-load-metrics`): (waiting, KV usage).
+    pub load_report: Option<(Option<u32>, Option<f64>)>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -51,6 +53,7 @@ impl ResponseHead {
         let mut chunked = false;
         let mut close = resp.version == Some(0);
         let mut has_request_id = false;
+        let mut load_report = None;
         for h in resp.headers.iter() {
             let n = h.name.as_bytes();
             if n.eq_ignore_ascii_case(b"content-length") {
@@ -90,6 +93,8 @@ impl ResponseHead {
                 }
             } else if n.eq_ignore_ascii_case(b"x-request-id") {
                 has_request_id = true;
+            } else if n.eq_ignore_ascii_case(LOAD_METRICS) {
+                load_report = Some(crate::sync::parse_endpoint_load_metrics(h.value));
             }
         }
         let framing =
@@ -109,21 +114,38 @@ impl ResponseHead {
             framing,
             reusable: !close,
             has_request_id,
+            load_report,
         }))
     }
 }
 
+/// The response header carrying vLLM's load report.
+pub const LOAD_METRICS: &[u8] = b"endpoint-load-metrics";
+
+/// How the client's head differs from the worker's.
+#[derive(Clone, Copy, Default)]
+pub struct ClientHead {
+    /// Add `connection: close`.
+    pub close: bool,
+    /// Drop `transfer-encoding`: the payload goes out unframed, delimited by the close.
+    pub dechunk: bool,
+    /// Drop `endpoint-load-metrics`: the router asked for it, not the client.
+    pub strip_load_report: bool,
+}
+
 /// Writes the head the client receives for the worker head `raw[..len]`.
-/// `close_client` adds `connection: close`; `dechunk` drops `transfer-encoding` (the
-/// payload goes out unframed, delimited by the close).
 pub fn write_client_head(
     out: &mut Vec<u8>,
     raw: &[u8],
     head: &ResponseHead,
     request_id: &[u8],
-    close_client: bool,
-    dechunk: bool,
+    how: ClientHead,
 ) {
+    let ClientHead {
+        close: close_client,
+        dechunk,
+        strip_load_report,
+    } = how;
     let mut hdrs = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
     let mut resp = httparse::Response::new(&mut hdrs);
     // Parsed once already; cannot fail the same way twice.
@@ -146,6 +168,7 @@ pub fn write_client_head(
         if is_hop_by_hop(name)
             || (nconn > 0 && listed_in_connection(&connection_values[..nconn], name))
             || (dechunk && name.eq_ignore_ascii_case(b"transfer-encoding"))
+            || (strip_load_report && name.eq_ignore_ascii_case(LOAD_METRICS))
         {
             continue;
         }
@@ -178,7 +201,7 @@ mod tests {
         assert!(h.reusable);
         assert_eq!(&raw[h.len..], b"1a\r\n");
         let mut out = Vec::new();
-        write_client_head(&mut out, raw, &h, b"rid", false, false);
+        write_client_head(&mut out, raw, &h, b"rid", ClientHead::default());
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "HTTP/1.1 200 OK\r\ndate: x\r\ncontent-type: text/event-stream; charset=utf-8\r\ntransfer-encoding: chunked\r\nx-request-id: rid\r\n\r\n"
@@ -226,10 +249,33 @@ mod tests {
         let raw = b"HTTP/1.1 404 Not Found\r\nx-request-id: w\r\ncontent-length: 0\r\n\r\n";
         let h = ResponseHead::parse(raw, false).unwrap().unwrap();
         let mut out = Vec::new();
-        write_client_head(&mut out, raw, &h, b"rid", true, false);
+        write_client_head(
+            &mut out,
+            raw,
+            &h,
+            b"rid",
+            ClientHead {
+                close: true,
+                ..Default::default()
+            },
+        );
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "HTTP/1.1 404 Not Found\r\nx-request-id: w\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn load_report_is_read_and_stripped_when_the_router_asked() {
+        let raw = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nendpoint-load-metrics: TEXT named_metrics.num_requests_waiting=4.0, named_metrics.kv_cache_usage_perc=0.5\r\n\r\n{}";
+        let h = ResponseHead::parse(raw, false).unwrap().unwrap();
+        assert_eq!(h.load_report, Some((Some(4), Some(0.5))));
+        let mut out = Vec::new();
+        let how = ClientHead {
+            strip_load_report: true,
+            ..Default::default()
+        };
+        write_client_head(&mut out, raw, &h, b"r", how);
+        assert!(!String::from_utf8_lossy(&out).contains("endpoint-load-metrics"));
     }
 }

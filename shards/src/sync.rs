@@ -1,0 +1,267 @@
+//! What crosses threads, and only this: the load board (every shard's in-flight count per
+//! worker, written by its shard alone, plus what workers report about themselves), and the
+//! prefix feed (each shard's prefix-index inserts, sent to every other shard over lock-free
+//! channels). Nothing here waits: readers see values at most one store old.
+
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::Arc;
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+
+/// 16 counters per cache line, so two shards never write the same line.
+#[repr(align(64))]
+struct Line([AtomicU32; 16]);
+
+impl Line {
+    fn new() -> Self {
+        Line(std::array::from_fn(|_| AtomicU32::new(0)))
+    }
+}
+
+/// What a worker last said about itself (vLLM's `endpoint-load-metrics` header or its
+/// `/metrics` gauges). `u32::MAX` = never reported.
+pub struct WorkerReport {
+    pub waiting: AtomicU32,
+    pub running: AtomicU32,
+    /// KV-cache usage in thousandths.
+    pub kv_permille: AtomicU32,
+}
+
+pub struct LoadBoard {
+    workers: usize,
+    lines_per_shard: usize,
+    /// shard-major: shard s owns lines [s*lines_per_shard, (s+1)*lines_per_shard).
+    in_flight: Box<[Line]>,
+    reports: Box<[WorkerReport]>,
+}
+
+pub const UNKNOWN: u32 = u32::MAX;
+
+impl LoadBoard {
+    pub fn new(shards: usize, workers: usize) -> Self {
+        let lines_per_shard = workers.div_ceil(16).max(1);
+        LoadBoard {
+            workers,
+            lines_per_shard,
+            in_flight: (0..shards * lines_per_shard).map(|_| Line::new()).collect(),
+            reports: (0..workers)
+                .map(|_| WorkerReport {
+                    waiting: AtomicU32::new(UNKNOWN),
+                    running: AtomicU32::new(UNKNOWN),
+                    kv_permille: AtomicU32::new(UNKNOWN),
+                })
+                .collect(),
+        }
+    }
+
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+
+    pub fn shards(&self) -> usize {
+        self.in_flight.len() / self.lines_per_shard
+    }
+
+    fn cell(&self, shard: usize, worker: usize) -> &AtomicU32 {
+        &self.in_flight[shard * self.lines_per_shard + worker / 16].0[worker % 16]
+    }
+
+    /// Only `shard`'s own thread calls this for its row: a plain load and store suffice.
+    pub fn started(&self, shard: usize, worker: usize) {
+        let c = self.cell(shard, worker);
+        c.store(c.load(Relaxed) + 1, Relaxed);
+    }
+
+    pub fn finished(&self, shard: usize, worker: usize) {
+        let c = self.cell(shard, worker);
+        c.store(c.load(Relaxed).saturating_sub(1), Relaxed);
+    }
+
+    /// Requests in flight to `worker` from every shard.
+    pub fn in_flight(&self, worker: usize) -> u32 {
+        (0..self.shards())
+            .map(|s| self.cell(s, worker).load(Relaxed))
+            .sum()
+    }
+
+    pub fn report(&self, worker: usize) -> &WorkerReport {
+        &self.reports[worker]
+    }
+
+    /// Requests the worker says are waiting in its queue, if it said.
+    pub fn waiting(&self, worker: usize) -> Option<u32> {
+        let v = self.reports[worker].waiting.load(Relaxed);
+        (v != UNKNOWN).then_some(v)
+    }
+
+    pub fn set_waiting(&self, worker: usize, waiting: u32) {
+        self.reports[worker].waiting.store(waiting, Relaxed);
+    }
+
+    pub fn set_running(&self, worker: usize, running: u32) {
+        self.reports[worker].running.store(running, Relaxed);
+    }
+
+    pub fn set_kv_usage(&self, worker: usize, fraction: f64) {
+        let permille = (fraction.clamp(0.0, 1.0) * 1000.0).round() as u32;
+        self.reports[worker].kv_permille.store(permille, Relaxed);
+    }
+
+    pub fn kv_usage(&self, worker: usize) -> Option<f64> {
+        let v = self.reports[worker].kv_permille.load(Relaxed);
+        (v != UNKNOWN).then(|| v as f64 / 1000.0)
+    }
+}
+
+/// Parses vLLM's `endpoint-load-metrics` header (`TEXT named_metrics.num_requests_waiting=0.0,
+/// named_metrics.kv_cache_usage_perc=0.0` or `JSON {"named_metrics": {...}}`) into
+/// (waiting, kv usage fraction).
+pub fn parse_endpoint_load_metrics(v: &[u8]) -> (Option<u32>, Option<f64>) {
+    let Ok(s) = std::str::from_utf8(v) else {
+        return (None, None);
+    };
+    let mut waiting = None;
+    let mut kv = None;
+    let mut take = |name: &str, value: &str| {
+        let Ok(x) = value
+            .trim()
+            .trim_end_matches(['}', ','])
+            .trim()
+            .parse::<f64>()
+        else {
+            return;
+        };
+        if name.ends_with("num_requests_waiting") {
+            waiting = Some(x.max(0.0) as u32);
+        } else if name.ends_with("kv_cache_usage_perc") {
+            kv = Some(x);
+        }
+    };
+    if let Some(text) = s.trim().strip_prefix("TEXT") {
+        for pair in text.split(',') {
+            if let Some((n, v)) = pair.split_once('=') {
+                take(n.trim(), v);
+            }
+        }
+    } else if let Some(json) = s.trim().strip_prefix("JSON") {
+        // Flat enough to scan: "name": number pairs.
+        for part in json.split(',') {
+            if let Some((n, v)) = part.rsplit_once(':') {
+                let n = n.trim().trim_matches(|c| c == '{' || c == ' ' || c == '"');
+                let n = n.rsplit('"').next().unwrap_or(n);
+                take(n, v);
+            }
+        }
+    }
+    (waiting, kv)
+}
+
+/// One shard's prefix-index insert, for the other shards.
+pub struct PrefixInsert {
+    pub worker: u32,
+    pub hashes: Arc<[u64]>,
+}
+
+/// Inserts waiting at most this long in a shard's queue; beyond, new ones are dropped
+/// (the index is a hint; memory stays bounded).
+const FEED_CAPACITY: usize = 4096;
+
+/// A shard's end of the prefix feed: senders to every other shard, its own receiver.
+pub struct PrefixFeed {
+    peers: Vec<Sender<PrefixInsert>>,
+    inbox: Receiver<PrefixInsert>,
+    pub dropped: u64,
+}
+
+impl PrefixFeed {
+    /// One feed per shard, all connected.
+    pub fn mesh(shards: usize) -> Vec<PrefixFeed> {
+        let (txs, rxs): (Vec<_>, Vec<_>) = (0..shards)
+            .map(|_| crossbeam_channel::bounded(FEED_CAPACITY))
+            .unzip();
+        rxs.into_iter()
+            .enumerate()
+            .map(|(me, inbox)| PrefixFeed {
+                peers: txs
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| *i != me)
+                    .map(|(_, t)| t.clone())
+                    .collect(),
+                inbox,
+                dropped: 0,
+            })
+            .collect()
+    }
+
+    pub fn publish(&mut self, worker: usize, hashes: &[u64]) {
+        if self.peers.is_empty() || hashes.is_empty() {
+            return;
+        }
+        let shared: Arc<[u64]> = Arc::from(hashes);
+        for p in &self.peers {
+            let msg = PrefixInsert {
+                worker: worker as u32,
+                hashes: shared.clone(),
+            };
+            if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = p.try_send(msg) {
+                self.dropped += 1;
+            }
+        }
+    }
+
+    /// Inserts from other shards that arrived since the last call.
+    pub fn drain(&self) -> impl Iterator<Item = PrefixInsert> + '_ {
+        self.inbox.try_iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_flight_sums_every_shard() {
+        let b = LoadBoard::new(3, 20);
+        b.started(0, 17);
+        b.started(1, 17);
+        b.started(2, 17);
+        b.finished(1, 17);
+        b.started(2, 3);
+        assert_eq!(b.in_flight(17), 2);
+        assert_eq!(b.in_flight(3), 1);
+        assert_eq!(b.in_flight(0), 0);
+        b.finished(0, 0);
+        assert_eq!(b.in_flight(0), 0, "never below zero");
+    }
+
+    #[test]
+    fn endpoint_load_metrics_text_and_json() {
+        assert_eq!(
+            parse_endpoint_load_metrics(
+                b"TEXT named_metrics.num_requests_waiting=3.0, named_metrics.kv_cache_usage_perc=0.25"
+            ),
+            (Some(3), Some(0.25))
+        );
+        assert_eq!(
+            parse_endpoint_load_metrics(
+                br#"JSON {"named_metrics": {"num_requests_waiting": 7.0, "kv_cache_usage_perc": 0.5}}"#
+            ),
+            (Some(7), Some(0.5))
+        );
+        assert_eq!(parse_endpoint_load_metrics(b"garbage"), (None, None));
+    }
+
+    #[test]
+    fn an_insert_on_one_shard_reaches_every_other() {
+        let mut feeds = PrefixFeed::mesh(3);
+        feeds[0].publish(2, &[1, 2, 3]);
+        assert_eq!(feeds[0].drain().count(), 0, "not to itself");
+        for f in &feeds[1..] {
+            let got: Vec<PrefixInsert> = f.drain().collect();
+            assert_eq!(got.len(), 1);
+            assert_eq!(got[0].worker, 2);
+            assert_eq!(&got[0].hashes[..], &[1, 2, 3]);
+        }
+    }
+}

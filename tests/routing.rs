@@ -1,0 +1,166 @@
+//! Routing policies through the real router: which mock worker served each request is in
+//! its `x-mock-worker` header.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::*;
+
+fn router(policy: &str, workers: usize, extra: &[&str]) -> (Router, Vec<MockServer>) {
+    let m = mocks(workers, |_| {});
+    let mut args = worker_args(&m);
+    args.extend(["--policy".into(), policy.into()]);
+    if !extra.contains(&"--shards") {
+        args.extend(["--shards".into(), "2".into()]);
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    (Router::start(&a), m)
+}
+
+fn served_by(r: &Router, raw: &[u8]) -> String {
+    let resp = exchange(r.addr, raw);
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    resp.header("x-mock-worker")
+        .expect("x-mock-worker")
+        .to_string()
+}
+
+fn completion(prompt: &str) -> Vec<u8> {
+    post_json(
+        "/v1/completions",
+        &format!(r#"{{"model":"mock-model","prompt":"{prompt}","max_tokens":2}}"#),
+    )
+}
+
+fn with_header(raw: Vec<u8>, name: &str, value: &str) -> Vec<u8> {
+    String::from_utf8(raw)
+        .unwrap()
+        .replacen(
+            "Host: router\r\n",
+            &format!("Host: router\r\n{name}: {value}\r\n"),
+            1,
+        )
+        .into_bytes()
+}
+
+#[test]
+fn round_robin_spreads_evenly() {
+    let (r, _m) = router("round_robin", 4, &["--shards", "1"]);
+    let mut count: HashMap<String, usize> = HashMap::new();
+    for i in 0..40 {
+        *count
+            .entry(served_by(&r, &completion(&format!("p{i}"))))
+            .or_default() += 1;
+    }
+    assert_eq!(count.len(), 4);
+    assert!(count.values().all(|&c| c == 10), "{count:?}");
+}
+
+#[test]
+fn consistent_hash_keeps_a_session_on_one_worker() {
+    let (r, _m) = router("consistent_hash", 4, &[]);
+    let mut owners = HashMap::new();
+    for round in 0..5 {
+        for s in 0..12 {
+            let raw = with_header(
+                completion(&format!("turn {round}")),
+                "X-Session-Id",
+                &format!("s{s}"),
+            );
+            let w = served_by(&r, &raw);
+            assert_eq!(
+                owners.entry(s).or_insert_with(|| w.clone()),
+                &w,
+                "session {s}"
+            );
+        }
+    }
+    let distinct: std::collections::HashSet<_> = owners.values().collect();
+    assert!(distinct.len() >= 2, "12 sessions all on one worker");
+    // The body's `user` field keys the same way when no header is given.
+    let a = served_by(
+        &r,
+        &post_json(
+            "/v1/completions",
+            r#"{"model":"mock-model","prompt":"x","user":"alice"}"#,
+        ),
+    );
+    let b = served_by(
+        &r,
+        &post_json(
+            "/v1/completions",
+            r#"{"model":"mock-model","prompt":"y","user":"alice"}"#,
+        ),
+    );
+    assert_eq!(a, b);
+}
+
+#[test]
+fn cache_aware_keeps_prefix_groups_together_across_shards() {
+    let (r, _m) = router("cache_aware", 4, &[]);
+    let mut owners: HashMap<usize, String> = HashMap::new();
+    for i in 0..48 {
+        let g = i % 6;
+        // 80% shared within the group, 20% unique.
+        let prompt = format!(
+            "{}{}",
+            format!("group {g} shared context. ").repeat(60),
+            format!("question {i}. ").repeat(25)
+        );
+        let w = served_by(&r, &completion(&prompt));
+        assert_eq!(
+            owners.entry(g).or_insert_with(|| w.clone()),
+            &w,
+            "group {g} request {i}"
+        );
+    }
+}
+
+#[test]
+fn power_of_two_and_random_and_load_aware_serve() {
+    for policy in ["power_of_two", "random", "load_aware"] {
+        let (r, _m) = router(policy, 3, &[]);
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..60 {
+            seen.insert(served_by(&r, &completion(&format!("{i:04} cold prompt"))));
+        }
+        assert_eq!(seen.len(), 3, "{policy} used {seen:?}");
+    }
+}
+
+#[test]
+fn load_using_policies_read_vllms_load_header_and_keep_it_from_the_client() {
+    let (r, m) = router("power_of_two", 2, &[]);
+    let resp = exchange(r.addr, &completion("x"));
+    assert_eq!(resp.status, 200);
+    assert!(resp.header("endpoint-load-metrics").is_none());
+    let asked = m
+        .iter()
+        .flat_map(|m| m.received())
+        .any(|q| q.header("endpoint-load-metrics-format") == Some("TEXT"));
+    assert!(asked, "the router asks workers for their load");
+    // A client that asks itself gets the report.
+    let resp = exchange(
+        r.addr,
+        &with_header(completion("y"), "endpoint-load-metrics-format", "TEXT"),
+    );
+    assert!(resp.header("endpoint-load-metrics").is_some());
+}
+
+#[test]
+fn invalid_utf8_in_a_prompt_is_400_and_the_router_lives() {
+    let (r, _m) = router("cache_aware", 2, &[]);
+    let body = b"{\"prompt\":\"ab\xff\xfecd\"}";
+    let mut raw = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    raw.extend_from_slice(body);
+    let resp = exchange(r.addr, &raw);
+    assert_eq!(resp.status, 400);
+    assert!(resp.error_message().contains("UTF-8"));
+    assert!(!served_by(&r, &completion("still here")).is_empty());
+}
