@@ -61,6 +61,11 @@ pub struct Cli {
     #[arg(long, default_value_t = 67_108_864, value_parser = clap::value_parser!(u64).range(64..))]
     pub max_tree_size: u64,
 
+    /// [ringrouter] Scrape each worker's /metrics for vLLM's load gauges this often, in
+    /// milliseconds, for load-using policies (0: off; in-band reports still count).
+    #[arg(long, default_value_t = 1000)]
+    pub load_scrape_interval_ms: u64,
+
     /// [ringrouter] load_aware: how many queued requests a full prefix-cache hit is worth.
     #[arg(long, default_value_t = 4.0, value_parser = parse_positive)]
     pub load_aware_prefix_weight: f64,

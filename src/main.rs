@@ -2,6 +2,7 @@
 //! on loopback give the router something to route to.
 
 mod cli;
+mod control;
 mod demo;
 
 use std::io::{IsTerminal, Write};
@@ -57,6 +58,9 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let scrape = (cli.policy.uses_load() && cli.load_scrape_interval_ms > 0)
+        .then(|| std::time::Duration::from_millis(cli.load_scrape_interval_ms));
+    control::start(worker_urls.clone(), plane.board.clone(), scrape);
     let drivers: Vec<&str> = plane.shards.iter().map(|s| s.driver).collect();
     tracing::info!(
         listen = %plane.local_addr,

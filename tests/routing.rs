@@ -164,3 +164,46 @@ fn invalid_utf8_in_a_prompt_is_400_and_the_router_lives() {
     assert!(resp.error_message().contains("UTF-8"));
     assert!(!served_by(&r, &completion("still here")).is_empty());
 }
+
+/// A worker whose `/metrics` says `waiting` requests queue on it, and that answers every
+/// other request with its name.
+fn gauged_worker(name: &'static str, waiting: u32) -> RawUpstream {
+    use std::io::Write;
+    RawUpstream::spawn(move |mut s| {
+        while let Some((head, _)) = read_request(&mut s) {
+            let body = if head.starts_with("GET /metrics") {
+                format!(
+                    "vllm:num_requests_waiting{{engine=\"0\",model_name=\"m\"}} {waiting}.0\nvllm:num_requests_running{{engine=\"0\",model_name=\"m\"}} 1.0\n"
+                )
+            } else {
+                "{}".to_string()
+            };
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nx-mock-worker: {name}\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            if s.write_all(resp.as_bytes()).is_err() {
+                return;
+            }
+        }
+    })
+}
+
+#[test]
+fn scraped_queue_depth_breaks_power_of_two_ties() {
+    let busy = gauged_worker("busy", 50);
+    let idle = gauged_worker("idle", 0);
+    let r = Router::start(&[
+        "--worker-urls",
+        &busy.url,
+        &idle.url,
+        "--policy",
+        "power_of_two",
+        "--load-scrape-interval-ms",
+        "50",
+    ]);
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    for i in 0..20 {
+        assert_eq!(served_by(&r, &completion(&format!("{i}"))), "idle");
+    }
+}

@@ -31,6 +31,8 @@ pub struct ShardInfo {
 /// The running data plane.
 pub struct DataPlane {
     pub local_addr: SocketAddr,
+    /// The load view the shards route by; the control plane writes worker reports on it.
+    pub board: std::sync::Arc<LoadBoard>,
     pub shards: Vec<ShardInfo>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -121,6 +123,7 @@ pub fn start(cfg: DataPlaneConfig) -> Result<DataPlane, String> {
     }
     Ok(DataPlane {
         local_addr: listen,
+        board,
         shards: infos,
         threads,
     })

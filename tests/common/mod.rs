@@ -35,8 +35,13 @@ impl Router {
             }
             None => Command::new(bin),
         };
-        cmd.args(["--port", "0", "--no-pin-cores"])
-            .args(args)
+        cmd.args(["--port", "0", "--no-pin-cores"]);
+        // The control plane's /metrics scrapes would show up in the workers' request
+        // counts; tests about load scraping turn it on themselves.
+        if !args.contains(&"--load-scrape-interval-ms") {
+            cmd.args(["--load-scrape-interval-ms", "0"]);
+        }
+        cmd.args(args)
             .env_remove("RUST_LOG")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

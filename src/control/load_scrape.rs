@@ -1,0 +1,134 @@
+//! Scrapes vLLM's load gauges from each worker's `/metrics` on an interval:
+//! `vllm:num_requests_waiting` and `vllm:num_requests_running` (summed over engines, i.e.
+//! data-parallel ranks) and `vllm:kv_cache_usage_perc` (the fullest engine).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use shards::sync::LoadBoard;
+
+/// vLLM's load as read from one `/metrics` page.
+#[derive(Debug, Default, PartialEq)]
+pub struct LoadGauges {
+    pub waiting: Option<f64>,
+    pub running: Option<f64>,
+    pub kv_usage: Option<f64>,
+}
+
+/// Reads the gauges from Prometheus text.
+pub fn parse_metrics(text: &str) -> LoadGauges {
+    let mut g = LoadGauges::default();
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let (name, rest) = match line.find(['{', ' ']) {
+            Some(i) => (&line[..i], &line[i..]),
+            None => continue,
+        };
+        let value = rest
+            .rsplit(' ')
+            .find(|t| !t.is_empty())
+            .and_then(|v| v.parse::<f64>().ok());
+        let Some(v) = value else { continue };
+        match name {
+            "vllm:num_requests_waiting" => *g.waiting.get_or_insert(0.0) += v,
+            "vllm:num_requests_running" => *g.running.get_or_insert(0.0) += v,
+            "vllm:kv_cache_usage_perc" => {
+                let k = g.kv_usage.get_or_insert(0.0);
+                *k = k.max(v);
+            }
+            _ => {}
+        }
+    }
+    g
+}
+
+pub async fn run(worker_urls: Vec<String>, board: Arc<LoadBoard>, every: Duration) {
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build_http();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let scrapes = worker_urls.iter().enumerate().map(|(i, url)| {
+            let url = url.clone();
+            let client = client.clone();
+            let board = board.clone();
+            async move {
+                let uri = match format!("{url}/metrics").parse::<hyper::Uri>() {
+                    Ok(u) => u,
+                    Err(_) => return,
+                };
+                let fetch = async {
+                    let resp = client.get(uri).await.ok()?;
+                    if !resp.status().is_success() {
+                        return None;
+                    }
+                    let body = resp.into_body().collect().await.ok()?.to_bytes();
+                    Some(parse_metrics(&String::from_utf8_lossy(&body)))
+                };
+                let Ok(Some(g)) =
+                    tokio::time::timeout(every.max(Duration::from_millis(200)), fetch).await
+                else {
+                    return;
+                };
+                if let Some(w) = g.waiting {
+                    board.set_waiting(i, w as u32);
+                }
+                if let Some(r) = g.running {
+                    board.set_running(i, r as u32);
+                }
+                if let Some(k) = g.kv_usage {
+                    board.set_kv_usage(i, k);
+                }
+            }
+        });
+        futures_join_all(scrapes).await;
+    }
+}
+
+/// Runs the scrapes concurrently and waits for all of them.
+async fn futures_join_all<F>(futs: impl Iterator<Item = F>)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut set = tokio::task::JoinSet::new();
+    for f in futs {
+        set.spawn(f);
+    }
+    while set.join_next().await.is_some() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_engines_and_takes_the_fullest_cache() {
+        let text = r#"# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 3.0
+vllm:num_requests_running{engine="1",model_name="m"} 2.0
+vllm:num_requests_waiting{engine="0",model_name="m"} 7.0
+vllm:num_requests_waiting{engine="1",model_name="m"} 1.0
+vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25
+vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.5
+vllm:num_requests_waiting_by_reason{engine="0",reason="capacity"} 9.0
+"#;
+        assert_eq!(
+            parse_metrics(text),
+            LoadGauges {
+                waiting: Some(8.0),
+                running: Some(5.0),
+                kv_usage: Some(0.5)
+            }
+        );
+        assert_eq!(parse_metrics("garbage\n"), LoadGauges::default());
+    }
+}
