@@ -94,16 +94,24 @@ fn is_json_route(path: &[u8]) -> bool {
 /// Bodies up to this size are copied behind the upstream head and sent in one write.
 const COALESCE_BODY: usize = 64 * 1024;
 /// Initial size of the buffers of a connection; they grow only when a message needs it.
+/// While a response streams, a connection holds little more than the buffer of its pending
+/// upstream read (UPBUF) and the client watch's (WATCH): 10,000 open streams fit in tens
+/// of MiB.
 const INBUF: usize = 4096;
-const UPBUF: usize = 8192;
+const UPBUF: usize = 1024;
+const WATCH: usize = 64;
+/// Buffers larger than this are released rather than kept between requests.
+const KEEP_BETWEEN_REQUESTS: usize = 16 * 1024;
 /// Largest worker response head accepted.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
 /// The buffers of one client connection, reused request after request.
 struct Buffers {
-    /// Client bytes; the current request starts at `start`.
+    /// Client bytes; the current request starts at `start` and ends at `request_end`
+    /// (once its body has been read).
     inbuf: Vec<u8>,
     start: usize,
+    request_end: usize,
     head: RequestHead,
     /// Heads being written (to the worker or to the client).
     out: Vec<u8>,
@@ -140,6 +148,7 @@ pub async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) {
     let mut b = Buffers {
         inbuf: Vec::with_capacity(INBUF),
         start: 0,
+        request_end: 0,
         head: RequestHead::default(),
         out: Vec::with_capacity(1024),
         upbuf: Vec::new(),
@@ -350,8 +359,16 @@ async fn handle_request(
             Body::Decoded { raw } => raw,
         };
     let keep_alive = b.head.keep_alive;
+    b.request_end = b.start + consumed;
+    // The request waits in `inbuf` until the worker answers (perhaps seconds of prefill):
+    // hold it in as little memory as it needs.
+    if b.inbuf.capacity() > b.inbuf.len() + INBUF {
+        b.inbuf.shrink_to(b.inbuf.len());
+    }
     let next = route_request(shard, rd, wr, b, &body).await;
-    b.start += consumed;
+    // The relay may have released the request's bytes already (then request_end is 0).
+    b.start = b.request_end;
+    b.request_end = 0;
     match next {
         Next::KeepAlive if keep_alive => Next::KeepAlive,
         _ => Next::Close,
@@ -531,8 +548,8 @@ async fn proxy(
     let canceller = Canceller::new();
     let mut watch_buf = std::mem::take(&mut b.watch);
     watch_buf.clear();
-    if watch_buf.capacity() < 1024 {
-        watch_buf.reserve(1024);
+    if watch_buf.capacity() < WATCH {
+        watch_buf.reserve(WATCH);
     }
     let read = pin!(rd.cancelable_read(watch_buf, canceller.handle()));
     let deadline = pin!(sleep_until(Instant::now() + shard.cfg.request_timeout));
@@ -568,11 +585,8 @@ async fn proxy(
     next
 }
 
-/// Connection to a worker: pooled if one is idle, else new.
-async fn checkout(shard: &Shard, worker: usize) -> std::io::Result<(TcpStream, bool)> {
-    if let Some(s) = shard.pool.borrow_mut().take(worker) {
-        return Ok((s, true));
-    }
+/// A new connection to a worker (the pool had none idle).
+async fn connect(shard: &Shard, worker: usize) -> std::io::Result<TcpStream> {
     let addr = shard.workers.get(worker).addr;
     let s = match monoio::time::timeout(shard.cfg.connect_timeout, TcpStream::connect(addr)).await {
         Ok(r) => r?,
@@ -585,7 +599,7 @@ async fn checkout(shard: &Shard, worker: usize) -> std::io::Result<(TcpStream, b
     };
     let _ = s.set_nodelay(true);
     shard.pool.borrow_mut().opened += 1;
-    Ok((s, false))
+    Ok(s)
 }
 
 /// Shuts a worker connection down now, even with an operation in flight on it (closing the
@@ -650,7 +664,9 @@ async fn exchange<W: Future<Output = BufResult<usize, Vec<u8>>>>(
         // Stale pooled connections are retried on the same worker; the pool drops each
         // one it hands out that failed, so this ends.
         loop {
-            match attempt(shard, watch, wr, b, body, worker).await {
+            // Boxed: connecting and sending take more state than relaying, and only the
+            // relay's should stay allocated for the length of a stream.
+            match Box::pin(attempt(shard, watch, wr, b, body, worker)).await {
                 Attempt::Head(up, head, asked_load) => {
                     let how = ClientHead {
                         close,
@@ -687,15 +703,20 @@ async fn attempt<W: Future<Output = BufResult<usize, Vec<u8>>>>(
 ) -> Attempt {
     let close = !b.head.keep_alive;
     let w = shard.workers.get(worker);
-    let (mut up, reused) = match watch.guard(checkout(shard, worker)).await {
-        Ok(Ok(x)) => x,
-        Ok(Err(e)) => {
-            return Attempt::Retry {
-                error: format!("connect to {}: {e}", w.url),
-                same_worker: false,
+    let pooled = shard.pool.borrow_mut().take(worker);
+    let (mut up, reused) = match pooled {
+        Some(s) => (s, true),
+        // Boxed: a connect (with its timer) is the largest state here and the rarest.
+        None => match watch.guard(Box::pin(connect(shard, worker))).await {
+            Ok(Ok(s)) => (s, false),
+            Ok(Err(e)) => {
+                return Attempt::Retry {
+                    error: format!("connect to {}: {e}", w.url),
+                    same_worker: false,
+                }
             }
-        }
-        Err(i) => return Attempt::Done(interrupted(wr, b, i, close).await),
+            Err(i) => return Attempt::Done(interrupted(wr, b, i, close).await),
+        },
     };
 
     // The upstream request: head, then the body (in the same write when small).
@@ -761,6 +782,10 @@ async fn attempt<W: Future<Output = BufResult<usize, Vec<u8>>>>(
         }
         other => other,
     };
+    // The request is with the worker: its copy in `out` is not needed while we wait.
+    if b.out.capacity() > 2048 {
+        b.out = Vec::new();
+    }
     if let Err(e) = sent {
         abort_upstream(&up);
         // Nothing was read back, so the worker did not act on a partial request.
@@ -870,6 +895,24 @@ async fn interrupted(wr: &mut ClientWr, b: &mut Buffers, i: Interrupt, close: bo
     }
 }
 
+/// Once the response head is out, the request's bytes are no longer needed (no retry can
+/// follow): drop them, keeping only what the client pipelined, and give back large buffers,
+/// so that a long stream holds as little memory as possible.
+fn release_request(b: &mut Buffers) {
+    if b.request_end > 0 {
+        b.inbuf.drain(..b.request_end.min(b.inbuf.len()));
+        b.start = 0;
+        b.request_end = 0;
+    }
+    if b.inbuf.is_empty() {
+        b.inbuf = Vec::new();
+    }
+    b.out = Vec::new();
+    if b.decoded.capacity() > 0 {
+        b.decoded = Vec::new();
+    }
+}
+
 /// How much of the body is still to come.
 enum BodyLeft {
     Done,
@@ -948,6 +991,7 @@ async fn relay_body<W: Future<Output = BufResult<usize, Vec<u8>>>>(
         abort_upstream(&up);
         return Next::Close;
     }
+    release_request(b);
     while !matches!(left, BodyLeft::Done) {
         let mut buf = std::mem::take(&mut b.upbuf);
         buf.clear();
@@ -999,6 +1043,9 @@ async fn relay_body<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     }
     if reusable {
         shard.pool.borrow_mut().put(worker, up);
+    }
+    if b.upbuf.capacity() > KEEP_BETWEEN_REQUESTS {
+        b.upbuf = Vec::new();
     }
     if close_client {
         Next::Close
