@@ -69,16 +69,16 @@ def prefix_counters(urls):
     return hits, queries
 
 
-def start_router(tmp: Path, kind: str, policy: str, urls, vllm_exe):
+def start_router(tmp: Path, kind: str, policy: str, urls, vllm_exe, extra=()):
     port = h.free_port()
     url = f"http://{h.HOST}:{port}"
-    logf = tmp / f"{kind}-{policy}.log"
+    logf = tmp / f"{kind}-{policy}-{len(extra)}.log"
     if kind == "ringrouter":
         cmd = [h.BIN / "ringrouter", "--host", h.HOST, "--port", port, "--shards", 2,
-               "--no-pin-cores", "--policy", policy, "--worker-urls", *urls]
+               "--no-pin-cores", "--policy", policy, *extra, "--worker-urls", *urls]
     else:
         cmd = [vllm_exe, "--host", h.HOST, "--port", port, "--worker-urls", *urls,
-               "--policy", policy, "--prometheus-host", h.HOST, "--prometheus-port", h.free_port()]
+               "--policy", policy, *extra, "--prometheus-host", h.HOST, "--prometheus-port", h.free_port()]
     with open(logf, "wb") as f:
         proc = h.PROCS.spawn(cmd, stdout=f, stderr=f)
     h.wait_ready(kind, url, proc, logf, timeout=120)
@@ -86,21 +86,24 @@ def start_router(tmp: Path, kind: str, policy: str, urls, vllm_exe):
 
 
 def measure(args, tmp, target, vllm_exe):
-    kind, policy = target.split(":")
+    # kind:policy[:extra flags, space separated, '=' for values], e.g.
+    # ringrouter:load_aware:--load-aware-prefix-weight=8
+    kind, policy, *rest = target.split(":", 2)
+    extra = [p for a in (rest[0].split() if rest else []) for p in a.split("=", 1)]
     mocks, urls = start_mocks(tmp, args)
-    router, url = start_router(tmp, kind, policy, urls, vllm_exe)
+    router, url = start_router(tmp, kind, policy, urls, vllm_exe, extra)
     try:
         # Warm up the connection pools, not the caches: a tiny unrelated prompt.
-        h.run_quiet([h.BIN / "loadgen", "--url", url, "--model", h.MODEL, "--requests", 8,
-                     "--concurrency", 4, "--prompt-bytes", 16, "--max-tokens", 1, "--quiet", "--json"],
-                    timeout=60)
+        warm = [h.BIN / "loadgen", "--url", url, "--model", h.MODEL, "--requests", 8,
+                "--concurrency", 4, "--prompt-bytes", 16, "--max-tokens", 1, "--quiet", "--json"]
+        h.run_quiet([str(c) for c in warm], timeout=60)
         hits0, q0 = prefix_counters(urls)
         cpu0 = h.stat_ticks(router.pid)
         cmd = [h.BIN / "loadgen", "--url", url, "--model", h.MODEL, "--stream",
                "--concurrency", args.concurrency, "--duration", args.duration,
                "--prompt-bytes", 2048, "--max-tokens", 16, "--prefix-groups", 8,
                "--group-select", "random", "--quiet", "--json", "--timeout", 30]
-        r = h.run_quiet(cmd, timeout=args.duration + 120)
+        r = h.run_quiet([str(c) for c in cmd], timeout=args.duration + 120)
         cpu1 = h.stat_ticks(router.pid)
         hits1, q1 = prefix_counters(urls)
         rep = json.loads(r.stdout)
@@ -146,7 +149,7 @@ def main():
     ap.add_argument("--itl-ms", type=float, default=2.0)
     args = ap.parse_args()
     targets = args.targets.split(",")
-    h.ensure_binaries(build=True)
+    h.ensure_binaries(build=False)
     vllm_exe = h.ensure_vllm_router() if any(t.startswith("vllm-router") for t in targets) else None
     rows = []
     with tempfile.TemporaryDirectory(prefix="ringrouter-routing-") as d:

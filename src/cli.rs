@@ -67,7 +67,7 @@ pub struct Cli {
     pub load_scrape_interval_ms: u64,
 
     /// [ringrouter] load_aware: how many queued requests a full prefix-cache hit is worth.
-    #[arg(long, default_value_t = 4.0, value_parser = parse_positive)]
+    #[arg(long, default_value_t = 16.0, value_parser = parse_positive)]
     pub load_aware_prefix_weight: f64,
 
     /// Largest request body accepted, in bytes (413 beyond).

@@ -109,7 +109,7 @@ impl PolicyConfig {
             balance_abs_threshold: 64,
             balance_rel_threshold: 1.5,
             max_tree_size: 1 << 26,
-            prefix_weight: 4.0,
+            prefix_weight: 16.0,
         }
     }
 }
@@ -580,7 +580,7 @@ mod tests {
             board.started(0, w);
         }
         assert_eq!(first(&mut s, &input), w, "a short queue is worth the hit");
-        for _ in 0..10 {
+        for _ in 0..20 {
             board.started(0, w);
         }
         assert_ne!(first(&mut s, &input), w, "a long queue is not");
