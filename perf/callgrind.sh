@@ -36,8 +36,8 @@ run() {
   url=$(awk '/listening on/ {print $NF}' "$work/router.$n")
   "$BIN/loadgen" --url "$url" --model mock-model --endpoint chat --stream --concurrency 1 \
     --requests "$n" --prompt-bytes 2048 --max-tokens 16 --quiet --json >"$work/lg.$n"
-  kill -INT "$pid"; wait "$pid" 2>/dev/null || true
-  callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",","",$1); print $1; exit}'
+  kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
+  callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/ && !done {gsub(",","",$1); print $1; done=1}' || true
 }
 a=$(run "$N")
 b=$(run $((2 * N)))

@@ -55,10 +55,12 @@ pub fn parse_fields(body: &[u8]) -> Result<RequestFields<'_>, BodyError> {
     }
     // JSON text is UTF-8 (RFC 8259); checked up front because sonic-rs's lazy values
     // assume it.
-    if let Err(e) = std::str::from_utf8(body) {
+    if simdutf8::basic::from_utf8(body).is_err() {
+        let at = std::str::from_utf8(body)
+            .err()
+            .map_or(0, |e| e.valid_up_to());
         return Err(BodyError(format!(
-            "request body is not valid UTF-8 (at byte {})",
-            e.valid_up_to()
+            "request body is not valid UTF-8 (at byte {at})"
         )));
     }
     sonic_rs::from_slice::<FieldsSeed>(body)

@@ -727,6 +727,16 @@ async fn attempt<W: Future<Output = BufResult<usize, Vec<u8>>>>(
         Body::Decoded { .. } => (b.decoded.len(), false),
     };
     b.out.clear();
+    // One allocation for the head and a coalesced body (not a run of doublings).
+    b.out.reserve(
+        head_len
+            + 256
+            + if body_len <= COALESCE_BODY {
+                body_len
+            } else {
+                0
+            },
+    );
     let asked_load = write_upstream_head(
         &mut b.out,
         &b.inbuf[s..s + head_len],
@@ -974,6 +984,7 @@ async fn relay_body<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     how.close |= dechunk;
     let close_client = how.close;
     b.out.clear();
+    b.out.reserve(head.len + 64 + b.rid.len());
     write_client_head(&mut b.out, &b.upbuf, &head, &b.rid, how);
     let early = &b.upbuf[head.len..];
     let payload = if dechunk { Some(&mut b.out) } else { None };
