@@ -367,3 +367,39 @@ fn connect_failure_falls_through_to_the_next_worker() {
     assert_eq!(resp.status, 502);
     assert!(resp.error_message().contains("connect"));
 }
+
+#[test]
+fn a_worker_that_refuses_connections_is_routed_around() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_url = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let m = mocks(2, |_| {});
+    let r = Router::start(&[
+        "--worker-urls",
+        &dead_url,
+        &m[0].url(),
+        &m[1].url(),
+        "--shards",
+        "1",
+        "--policy",
+        "round_robin",
+    ]);
+    for _ in 0..30 {
+        let resp = exchange(
+            r.addr,
+            &post_json("/v1/completions", r#"{"model":"mock-model","prompt":"x"}"#),
+        );
+        assert_eq!(resp.status, 200);
+    }
+    // Refused once, then left alone for its down period: one warning, not one per request.
+    std::thread::sleep(Duration::from_millis(100));
+    let log = r.log();
+    assert_eq!(
+        log.matches("worker refused a connection").count(),
+        1,
+        "{log}"
+    );
+    // Both live workers share the load.
+    let served: Vec<u64> = m.iter().map(|m| m.stats().requests).collect();
+    assert!(served.iter().all(|&n| n >= 10), "{served:?}");
+}

@@ -91,6 +91,10 @@ fn is_json_route(path: &[u8]) -> bool {
     )
 }
 
+/// A worker that refused a connection is routed around for this long (passive health;
+/// active checks and breakers take over from it later).
+const PASSIVE_DOWN: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Bodies up to this size are copied behind the upstream head and sent in one write.
 const COALESCE_BODY: usize = 64 * 1024;
 /// Initial size of the buffers of a connection; they grow only when a message needs it.
@@ -395,8 +399,7 @@ async fn route_request(
     let mut routed: Option<Candidates> = None;
     let local: Option<(u16, &str, Vec<u8>)> = match (method, path) {
         (Method::Get | Method::Head, b"/health") | (Method::Get | Method::Head, b"/readiness") => {
-            let usable = shard.workers.len();
-            if usable > 0 {
+            if shard.board.usable_count() > 0 {
                 Some((200, "application/json", br#"{"status":"ok"}"#.to_vec()))
             } else {
                 let e = ApiError::new(503, "no worker is available");
@@ -657,7 +660,26 @@ async fn exchange<W: Future<Output = BufResult<usize, Vec<u8>>>>(
 ) -> Next {
     let close = !b.head.keep_alive;
     let mut last_error = String::new();
-    for worker in candidates {
+    // Workers marked down are tried only after every usable one failed.
+    let mut candidates = candidates;
+    let mut skipped: [usize; 8] = [0; 8];
+    let (mut nskipped, mut replayed) = (0, 0);
+    loop {
+        let next = loop {
+            match candidates.next() {
+                Some(w) if !shard.board.is_usable(w) && nskipped < skipped.len() => {
+                    skipped[nskipped] = w;
+                    nskipped += 1;
+                }
+                Some(w) => break Some(w),
+                None if replayed < nskipped => {
+                    replayed += 1;
+                    break Some(skipped[replayed - 1]);
+                }
+                None => break None,
+            }
+        };
+        let Some(worker) = next else { break };
         // Counted in the worker's load from the moment it is chosen until its response
         // ended (a stream's last byte), on whichever path this attempt leaves.
         let _in_flight = InFlight::start(shard, worker);
@@ -710,10 +732,13 @@ async fn attempt<W: Future<Output = BufResult<usize, Vec<u8>>>>(
         None => match watch.guard(Box::pin(connect(shard, worker))).await {
             Ok(Ok(s)) => (s, false),
             Ok(Err(e)) => {
+                if shard.board.mark_down(worker, PASSIVE_DOWN) {
+                    tracing::warn!(worker = %w.url, error = %e, "worker refused a connection; routing around it for {PASSIVE_DOWN:?}");
+                }
                 return Attempt::Retry {
                     error: format!("connect to {}: {e}", w.url),
                     same_worker: false,
-                }
+                };
             }
             Err(i) => return Attempt::Done(interrupted(wr, b, i, close).await),
         },
@@ -819,6 +844,7 @@ async fn attempt<W: Future<Output = BufResult<usize, Vec<u8>>>>(
                 continue;
             }
             Ok(Some(head)) => {
+                shard.board.mark_up(worker);
                 if let Some((waiting, kv)) = head.load_report {
                     if let Some(n) = waiting {
                         shard.board.set_waiting(worker, n);

@@ -3,8 +3,9 @@
 //! prefix feed (each shard's prefix-index inserts, sent to every other shard over lock-free
 //! channels). Nothing here waits: readers see values at most one store old.
 
-use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
@@ -33,6 +34,10 @@ pub struct LoadBoard {
     /// shard-major: shard s owns lines [s*lines_per_shard, (s+1)*lines_per_shard).
     in_flight: Box<[Line]>,
     reports: Box<[WorkerReport]>,
+    /// Passive health: a worker that refused a connection is not routed to until this
+    /// time (milliseconds since `epoch`), unless no other worker is usable.
+    down_until: Box<[AtomicU64]>,
+    epoch: Instant,
 }
 
 pub const UNKNOWN: u32 = u32::MAX;
@@ -51,7 +56,39 @@ impl LoadBoard {
                     kv_permille: AtomicU32::new(UNKNOWN),
                 })
                 .collect(),
+            down_until: (0..workers).map(|_| AtomicU64::new(0)).collect(),
+            epoch: Instant::now(),
         }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Takes `worker` out of routing for `period` (it refused a connection). Returns
+    /// whether it was usable until now, so the caller logs the change once.
+    pub fn mark_down(&self, worker: usize, period: Duration) -> bool {
+        let now = self.now_ms();
+        let was_usable = self.down_until[worker].load(Relaxed) <= now;
+        self.down_until[worker].store(now + period.as_millis() as u64, Relaxed);
+        was_usable
+    }
+
+    /// Brings `worker` back at once (it answered).
+    pub fn mark_up(&self, worker: usize) {
+        if self.down_until[worker].load(Relaxed) != 0 {
+            self.down_until[worker].store(0, Relaxed);
+        }
+    }
+
+    pub fn is_usable(&self, worker: usize) -> bool {
+        let until = self.down_until[worker].load(Relaxed);
+        until == 0 || until <= self.now_ms()
+    }
+
+    /// Workers usable now.
+    pub fn usable_count(&self) -> usize {
+        (0..self.workers).filter(|&w| self.is_usable(w)).count()
     }
 
     pub fn workers(&self) -> usize {
@@ -233,6 +270,21 @@ mod tests {
         assert_eq!(b.in_flight(0), 0);
         b.finished(0, 0);
         assert_eq!(b.in_flight(0), 0, "never below zero");
+    }
+
+    #[test]
+    fn a_worker_marked_down_comes_back_after_its_period_or_when_it_answers() {
+        let b = LoadBoard::new(1, 2);
+        assert!(b.is_usable(1));
+        assert!(b.mark_down(1, Duration::from_millis(50)));
+        assert!(!b.mark_down(1, Duration::from_millis(50)), "already down");
+        assert!(!b.is_usable(1));
+        assert_eq!(b.usable_count(), 1);
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(b.is_usable(1));
+        b.mark_down(1, Duration::from_secs(60));
+        b.mark_up(1);
+        assert!(b.is_usable(1));
     }
 
     #[test]
