@@ -262,7 +262,9 @@ fn closed_loop_stream_counts_events_and_ttft() {
         "head is sent before the delay: {l}"
     );
     assert_eq!(u(&l["gap"]["count"]), 20 * 4);
-    assert!(u(&l["gap"]["min"]) >= 2_000, "{l}");
+    // Two events can share a read when the reader is late (gap 0), but the gaps of a
+    // stream add up to at least the 4 × 2 ms the server waited between events.
+    assert!(l["gap"]["mean"].as_f64().unwrap() >= 1_900.0, "{l}");
     assert!(u(&l["total"]["min"]) >= 30_000 + 4 * 2_000, "{l}");
     assert_eq!(u(&l["send_delay"]["count"]), 0);
     assert_eq!(u(&r["workers"]["w0"]) + u(&r["workers"]["w1"]), 20);
