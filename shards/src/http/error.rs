@@ -1,7 +1,7 @@
 //! The router's own error answers, in the shape vLLM and OpenAI use:
 //! `{"error":{"message":...,"type":...,"param":null,"code":N}}`.
 
-use super::response::{write_status_line, Reason};
+use super::response::write_simple;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
@@ -58,20 +58,15 @@ impl ApiError {
     /// A whole HTTP/1.1 response carrying this error.
     pub fn write_response(&self, out: &mut Vec<u8>, request_id: Option<&[u8]>, close: bool) {
         let body = self.body();
-        write_status_line(out, self.status, Reason::Standard);
-        out.extend_from_slice(b"content-type: application/json\r\ncontent-length: ");
-        out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
-        out.extend_from_slice(b"\r\n");
-        if let Some(id) = request_id {
-            out.extend_from_slice(b"x-request-id: ");
-            out.extend_from_slice(id);
-            out.extend_from_slice(b"\r\n");
-        }
-        if close {
-            out.extend_from_slice(b"connection: close\r\n");
-        }
-        out.extend_from_slice(b"\r\n");
-        out.extend_from_slice(&body);
+        write_simple(
+            out,
+            self.status,
+            "application/json",
+            &body,
+            request_id,
+            close,
+            false,
+        );
     }
 }
 
