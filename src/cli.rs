@@ -111,6 +111,11 @@ pub struct Cli {
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     pub client_header_timeout_secs: u64,
 
+    /// On SIGTERM/SIGINT: stop accepting, answer /readiness with 503, let requests in flight
+    /// finish for at most this many seconds, then exit 0.
+    #[arg(long, default_value_t = 30)]
+    pub shutdown_grace_secs: u64,
+
     /// [ringrouter] Start 4 built-in mock vLLM workers on loopback and route to them.
     #[arg(long)]
     pub demo: bool,

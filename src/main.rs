@@ -78,6 +78,47 @@ fn main() -> ExitCode {
     }
     let _ = out.flush();
     drop(out);
-    plane.join();
-    ExitCode::SUCCESS
+    drain_on_signal(
+        &plane,
+        std::time::Duration::from_secs(cli.shutdown_grace_secs),
+    )
+}
+
+/// Waits for SIGTERM or SIGINT, then drains: no new connections, /readiness 503, requests
+/// in flight finish (bounded by `grace`; a second signal cuts it short), exit 0.
+fn drain_on_signal(plane: &shards::DataPlane, grace: std::time::Duration) -> ExitCode {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = match signal_hook::iterator::Signals::new([SIGTERM, SIGINT]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: cannot install signal handlers: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let Some(sig) = signals.forever().next() else {
+        return ExitCode::SUCCESS;
+    };
+    tracing::info!(
+        signal = sig,
+        in_flight = plane.in_flight(),
+        grace_secs = grace.as_secs(),
+        "draining"
+    );
+    plane.start_draining();
+    let deadline = std::time::Instant::now() + grace;
+    loop {
+        let left = plane.in_flight();
+        if left == 0 {
+            tracing::info!("drained; exiting");
+            return ExitCode::SUCCESS;
+        }
+        if std::time::Instant::now() >= deadline || signals.pending().next().is_some() {
+            tracing::warn!(
+                in_flight = left,
+                "grace period over; exiting with requests in flight"
+            );
+            return ExitCode::SUCCESS;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }

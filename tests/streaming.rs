@@ -403,3 +403,33 @@ fn a_worker_that_refuses_connections_is_routed_around() {
     let served: Vec<u64> = m.iter().map(|m| m.stats().requests).collect();
     assert!(served.iter().all(|&n| n >= 10), "{served:?}");
 }
+
+#[test]
+fn sigterm_drains_streams_in_flight_then_exits_zero() {
+    let m = mocks(1, |c| c.itl = Duration::from_millis(50));
+    let mut r = Router::start(&["--worker-urls", &m[0].url(), "--shutdown-grace-secs", "20"]);
+    let mut s = r.connect();
+    s.write_all(&post_json(
+        "/v1/completions",
+        r#"{"model":"mock-model","prompt":"x","max_tokens":20,"stream":true}"#,
+    ))
+    .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).unwrap();
+    assert!(n > 0);
+    let pid = r.child.id() as i32;
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    // The stream in flight finishes whole...
+    let mut rest = buf[..n].to_vec();
+    s.read_to_end(&mut rest).unwrap();
+    let text = String::from_utf8_lossy(&rest);
+    assert!(text.contains("data: [DONE]\n\n"), "{text}");
+    assert!(text.ends_with("0\r\n\r\n"));
+    // ... then the router exits 0 and accepts nothing more.
+    let status = r.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(std::net::TcpStream::connect(r.addr).is_err());
+    assert!(r.log().contains("draining"));
+}

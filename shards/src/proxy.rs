@@ -48,6 +48,14 @@ pub struct Shard {
     pub ids: RequestIds,
     /// Whether to ask workers for their in-band load report (load-using policies).
     pub asks_for_load: bool,
+    /// The process is draining (see `DataPlane::start_draining`).
+    pub draining: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Shard {
+    fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// Request ids for clients that sent none: a random per-shard prefix and a counter.
@@ -171,8 +179,9 @@ pub async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) {
             }
         }
         match handle_request(&shard, &mut rd, &mut wr, &mut b).await {
-            Next::KeepAlive => {}
-            Next::Close => return,
+            // A draining router finishes the request it has, then lets the client go.
+            Next::KeepAlive if !shard.is_draining() => {}
+            _ => return,
         }
     }
 }
@@ -398,6 +407,10 @@ async fn route_request(
     let head_only = method == Method::Head;
     let mut routed: Option<Candidates> = None;
     let local: Option<(u16, &str, Vec<u8>)> = match (method, path) {
+        (Method::Get | Method::Head, b"/readiness") if shard.is_draining() => {
+            let e = ApiError::new(503, "draining: the router is shutting down");
+            Some((503, "application/json", e.body()))
+        }
         (Method::Get | Method::Head, b"/health") | (Method::Get | Method::Head, b"/readiness") => {
             if shard.board.usable_count() > 0 {
                 Some((200, "application/json", br#"{"status":"ok"}"#.to_vec()))

@@ -23,6 +23,8 @@ use crate::upstream::Pool;
 #[derive(Clone, Debug)]
 pub struct ShardInfo {
     pub id: usize,
+    /// The shard's listening socket (shut down to stop accepting when draining).
+    pub listener_fd: i32,
     /// `io_uring` or `epoll`.
     pub driver: &'static str,
     pub core: Option<usize>,
@@ -31,6 +33,9 @@ pub struct ShardInfo {
 /// The running data plane.
 pub struct DataPlane {
     pub local_addr: SocketAddr,
+    /// Set when the process drains: shards stop accepting, /readiness answers 503, and
+    /// connections close after their current response.
+    pub draining: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// The load view the shards route by; the control plane writes worker reports on it.
     pub board: std::sync::Arc<LoadBoard>,
     pub shards: Vec<ShardInfo>,
@@ -38,6 +43,23 @@ pub struct DataPlane {
 }
 
 impl DataPlane {
+    /// Stops accepting on every shard and marks the data plane as draining; requests in
+    /// flight go on. Returns at once.
+    pub fn start_draining(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        for s in &self.shards {
+            unsafe {
+                libc::shutdown(s.listener_fd, libc::SHUT_RD);
+            }
+        }
+    }
+
+    /// Requests still with a worker.
+    pub fn in_flight(&self) -> u32 {
+        self.board.total_in_flight()
+    }
+
     /// Blocks until every shard thread ends (they serve until the process exits).
     pub fn join(self) {
         for t in self.threads {
@@ -93,6 +115,7 @@ pub fn start(cfg: DataPlaneConfig) -> Result<DataPlane, String> {
     let mut listen = cfg.listen;
     let board = std::sync::Arc::new(LoadBoard::new(cfg.shards, cfg.workers.len()));
     let mut feeds = PrefixFeed::mesh(cfg.shards).into_iter();
+    let draining = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut infos = Vec::with_capacity(cfg.shards);
     let mut threads = Vec::with_capacity(cfg.shards);
     // Shard 0 binds first so that port 0 resolves to one port that the others share.
@@ -107,9 +130,10 @@ pub fn start(cfg: DataPlaneConfig) -> Result<DataPlane, String> {
         shard_cfg.listen = listen;
         let board = board.clone();
         let feed = feeds.next();
+        let drain = draining.clone();
         let t = std::thread::Builder::new()
             .name(format!("shard-{id}"))
-            .spawn(move || run_shard(id, core, shard_cfg, board, feed, tx))
+            .spawn(move || run_shard(id, core, shard_cfg, board, feed, drain, tx))
             .map_err(|e| format!("cannot spawn shard thread: {e}"))?;
         match rx.recv() {
             Ok(Ok((info, addr))) => {
@@ -123,6 +147,7 @@ pub fn start(cfg: DataPlaneConfig) -> Result<DataPlane, String> {
     }
     Ok(DataPlane {
         local_addr: listen,
+        draining,
         board,
         shards: infos,
         threads,
@@ -135,6 +160,7 @@ fn run_shard(
     cfg: DataPlaneConfig,
     board: std::sync::Arc<LoadBoard>,
     feed: Option<PrefixFeed>,
+    draining: std::sync::Arc<std::sync::atomic::AtomicBool>,
     ready: mpsc::Sender<Result<(ShardInfo, SocketAddr), String>>,
 ) {
     let pinned = core
@@ -160,6 +186,7 @@ fn run_shard(
         tracing::info!(shard = id, driver, core = ?pinned, listen = %addr, "shard started");
         let info = ShardInfo {
             id,
+            listener_fd: std::os::fd::AsRawFd::as_raw_fd(&listener),
             driver,
             core: pinned,
         };
@@ -181,6 +208,7 @@ fn run_shard(
                 cfg.upstream_idle_timeout,
             )),
             ids: crate::proxy::RequestIds::new(id),
+            draining: draining.clone(),
             asks_for_load: cfg.policy.policy.uses_load(),
             workers: cfg.workers.clone(),
             cfg,
@@ -190,6 +218,11 @@ fn run_shard(
                 Ok((stream, _peer)) => {
                     let _ = stream.set_nodelay(true);
                     monoio::spawn(serve_connection(shard.clone(), stream));
+                }
+                Err(_) if draining.load(std::sync::atomic::Ordering::Relaxed) => {
+                    tracing::info!(shard = id, "stopped accepting (draining)");
+                    // In-flight connections are their own tasks; keep the runtime running.
+                    std::future::pending::<()>().await;
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.

@@ -114,6 +114,11 @@ impl LoadBoard {
         c.store(c.load(Relaxed).saturating_sub(1), Relaxed);
     }
 
+    /// Requests in flight to any worker from any shard.
+    pub fn total_in_flight(&self) -> u32 {
+        (0..self.workers).map(|w| self.in_flight(w)).sum()
+    }
+
     /// Requests in flight to `worker` from every shard.
     pub fn in_flight(&self, worker: usize) -> u32 {
         (0..self.shards())
