@@ -4,6 +4,8 @@
 //! no in-band load report). Health checks and discovery will live here too.
 
 mod load_scrape;
+#[allow(dead_code)] // wired in by the registry (issue 6)
+pub mod membership;
 
 use std::sync::Arc;
 use std::time::Duration;
