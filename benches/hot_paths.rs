@@ -12,7 +12,7 @@ use shards::http::{ChunkedDecoder, RequestHead};
 use shards::route::key::routing_text;
 use shards::route::prefix::{block_hashes, PrefixIndex};
 use shards::route::ring::HashRing;
-use shards::route::{Policy, PolicyConfig, RouteInput, Selector};
+use shards::route::{Policy, PolicyConfig, RouteInput, Selector, WorkerSet};
 use shards::sync::LoadBoard;
 
 const HEAD: &[u8] = b"POST /v1/chat/completions HTTP/1.1\r\nHost: router.example:30000\r\nUser-Agent: OpenAI/Python 1.54.0\r\nAccept: application/json\r\nContent-Type: application/json\r\nAuthorization: Bearer sk-0123456789abcdef\r\nX-Stainless-Lang: python\r\nX-Stainless-Package-Version: 1.54.0\r\nX-Request-Id: 4b1c2d3e-0000-4000-8000-000000000001\r\ntraceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\nContent-Length: 2048\r\n\r\n";
@@ -90,13 +90,8 @@ fn prefix(c: &mut Criterion) {
     });
     let names: Vec<String> = (0..16).map(|i| format!("http://10.0.0.{i}:8000")).collect();
     let board = Arc::new(LoadBoard::new(2, 16));
-    let mut sel = Selector::new(
-        PolicyConfig::new(Policy::CacheAware),
-        0,
-        &names,
-        board,
-        None,
-    );
+    let set = WorkerSet::from_urls(&names).unwrap();
+    let mut sel = Selector::new(PolicyConfig::new(Policy::CacheAware), 0, &set, board, None);
     c.bench_function("cache_aware_select_2k_16_workers", |b| {
         b.iter(|| {
             let input = RouteInput {

@@ -4,6 +4,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::admission::AdmissionConfig;
+use crate::breaker::BreakerConfig;
+use crate::retry::RetryConfig;
 use crate::route::{Policy, PolicyConfig, WorkerSet};
 
 /// Which io driver each shard runs.
@@ -23,8 +26,24 @@ pub struct DataPlaneConfig {
     pub shards: usize,
     pub pin_cores: bool,
     pub io_driver: IoDriver,
+    /// The workers at start (the control plane publishes later sets).
     pub workers: WorkerSet,
+    /// Worker slots on the load board: the most workers (and DP ranks) routable at once.
+    pub max_workers: usize,
     pub policy: PolicyConfig,
+    pub retry: RetryConfig,
+    pub breaker: BreakerConfig,
+    pub admission: AdmissionConfig,
+    /// A worker that sends nothing mid-response for this long is cut (and counted as
+    /// failed); the client's stream ends with an error event. Checked lazily: the cut
+    /// comes between one and two times this after the last byte.
+    pub stream_idle_timeout: Duration,
+    /// `Authorization: Bearer` keys clients must present (none = no client auth).
+    pub client_api_keys: Vec<String>,
+    /// Sent to workers as `Authorization: Bearer` (replacing the client's).
+    pub worker_api_key: Option<String>,
+    /// Where the worker admin API's requests go (the control plane); none = 503.
+    pub admin: Option<crate::admin::AdminSender>,
     /// Largest request body accepted (413 beyond).
     pub max_payload_size: usize,
     /// Largest request head accepted (431 beyond).
@@ -51,8 +70,16 @@ impl DataPlaneConfig {
             shards: 1,
             pin_cores: false,
             io_driver: IoDriver::Auto,
+            max_workers: 1024.max(workers.len()),
             workers,
             policy: PolicyConfig::new(Policy::RoundRobin),
+            retry: RetryConfig::default(),
+            breaker: BreakerConfig::default(),
+            admission: AdmissionConfig::default(),
+            stream_idle_timeout: Duration::from_secs(300),
+            client_api_keys: Vec::new(),
+            worker_api_key: None,
+            admin: None,
             max_payload_size: 536_870_912,
             max_header_bytes: 64 * 1024,
             request_timeout: Duration::from_secs(1800),

@@ -11,11 +11,19 @@
 //! - [`route`]: the worker set and the policies that pick a worker.
 //! - [`upstream`]: the client side: keep-alive pools, the upstream request, the response relay.
 //! - [`proxy`]: one client connection's life, as named phases.
+//! - [`retry`], [`breaker`], [`admission`]: which failures are retried and when, which
+//!   workers are avoided after failing, how many requests may be in flight.
+//! - [`sync`]: what crosses threads (worker-set epochs, the load board, prefix inserts).
+//! - [`admin`]: the worker admin API, handed to the control plane.
 
+pub mod admin;
+pub mod admission;
 pub mod body;
+pub mod breaker;
 pub mod config;
 pub mod http;
 pub mod proxy;
+pub mod retry;
 pub mod route;
 pub mod shard;
 pub mod sync;

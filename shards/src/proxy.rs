@@ -12,6 +12,7 @@ use std::future::{poll_fn, Future};
 use std::os::fd::AsRawFd;
 use std::pin::{pin, Pin};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::Poll;
 
 use monoio::buf::{IoBuf, IoBufMut};
@@ -23,14 +24,18 @@ use monoio::net::TcpStream;
 use monoio::time::{sleep_until, timeout_at, Instant, Sleep};
 use monoio::BufResult;
 
+use crate::admin::{is_admin_path, AdminCall};
+use crate::admission::ShardAdmission;
 use crate::body::parse_fields;
+use crate::breaker::{Admit, Breakers};
 use crate::config::DataPlaneConfig;
 use crate::http::response::write_simple;
 use crate::http::{ApiError, BodyFraming, ChunkedDecoder, Method, ParseOutcome, RequestHead};
+use crate::retry::is_retryable_status;
 use crate::route::key::{body_session_key, routing_text, SESSION_HEADERS};
-use crate::route::{Candidates, RouteInput, Selector, WorkerSet};
-use crate::sync::LoadBoard;
-use crate::upstream::request::write_upstream_head;
+use crate::route::{Candidates, RouteInput, Selector, Worker, WorkerSet};
+use crate::sync::{Directory, LoadBoard};
+use crate::upstream::request::{write_upstream_head, UpstreamHeadOpts};
 use crate::upstream::response::{write_client_head, ClientHead};
 use crate::upstream::{Pool, ResponseFraming, ResponseHead};
 
@@ -41,13 +46,21 @@ type ClientWr = OwnedWriteHalf<TcpStream>;
 pub struct Shard {
     pub id: usize,
     pub cfg: DataPlaneConfig,
-    pub workers: WorkerSet,
+    /// Where the control plane publishes worker sets.
+    pub directory: std::sync::Arc<Directory>,
+    /// This shard's copy of the current worker set (its own `Arc`s, so taking it per
+    /// request touches no shared cache line).
+    pub workers: RefCell<Rc<WorkerSet>>,
     pub selector: RefCell<Selector>,
     pub board: std::sync::Arc<LoadBoard>,
+    pub breakers: std::sync::Arc<Breakers>,
+    pub admission: ShardAdmission,
     pub pool: RefCell<Pool>,
     pub ids: RequestIds,
     /// Whether to ask workers for their in-band load report (load-using policies).
     pub asks_for_load: bool,
+    /// `Bearer <--api-key>` for workers, if set.
+    pub upstream_auth: Option<Vec<u8>>,
     /// The process is draining (see `DataPlane::start_draining`).
     pub draining: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
@@ -55,6 +68,38 @@ pub struct Shard {
 impl Shard {
     fn is_draining(&self) -> bool {
         self.draining.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The current worker set, adopting a newer epoch first if one was published.
+    fn current_workers(&self) -> Rc<WorkerSet> {
+        if self.directory.epoch() != self.workers.borrow().epoch {
+            self.adopt(self.directory.current());
+        }
+        self.workers.borrow().clone()
+    }
+
+    fn adopt(&self, set: WorkerSet) {
+        let local = WorkerSet::new(set.epoch, set.iter().cloned().collect());
+        self.selector.borrow_mut().set_workers(&local);
+        // Idle connections to workers that left are closed now; those in use close when
+        // their response ends (they are not returned to the pool).
+        self.pool
+            .borrow_mut()
+            .retain_slots(|slot| local.by_slot(slot).is_some());
+        tracing::debug!(
+            shard = self.id,
+            epoch = local.epoch,
+            workers = local.len(),
+            "adopted a new worker set"
+        );
+        *self.workers.borrow_mut() = Rc::new(local);
+    }
+
+    /// Workers a request could go to now (not passively down, breaker not open).
+    fn usable_count(&self, set: &WorkerSet) -> usize {
+        set.iter()
+            .filter(|w| self.board.is_usable(w.slot) && self.breakers.is_closed_or_due(w.slot))
+            .count()
     }
 }
 
@@ -399,12 +444,27 @@ async fn route_request(
     let method = b.head.method();
     let s = b.start;
     let full_path = &b.inbuf[s + b.head.path.start..s + b.head.path.end];
-    let path = match full_path.iter().position(|&c| c == b'?') {
-        Some(q) => &full_path[..q],
-        None => full_path,
+    let (path, query) = match full_path.iter().position(|&c| c == b'?') {
+        Some(q) => (&full_path[..q], &full_path[q + 1..]),
+        None => (full_path, &b""[..]),
     };
     let close = !b.head.keep_alive;
     let head_only = method == Method::Head;
+    let set = shard.current_workers();
+    if !shard.cfg.client_api_keys.is_empty()
+        && needs_client_auth(path)
+        && !client_authorized(shard, &b.head, &b.inbuf[s..s + b.head.len])
+    {
+        let e = ApiError::new(
+            401,
+            "missing or invalid API key: send it as 'Authorization: Bearer <key>'",
+        );
+        return if respond_error(wr, b, &e, close).await {
+            Next::KeepAlive
+        } else {
+            Next::Close
+        };
+    }
     let mut routed: Option<Candidates> = None;
     let local: Option<(u16, &str, Vec<u8>)> = match (method, path) {
         (Method::Get | Method::Head, b"/readiness") if shard.is_draining() => {
@@ -412,7 +472,7 @@ async fn route_request(
             Some((503, "application/json", e.body()))
         }
         (Method::Get | Method::Head, b"/health") | (Method::Get | Method::Head, b"/readiness") => {
-            if shard.board.usable_count() > 0 {
+            if shard.usable_count(&set) > 0 {
                 Some((200, "application/json", br#"{"status":"ok"}"#.to_vec()))
             } else {
                 let e = ApiError::new(503, "no worker is available");
@@ -427,6 +487,10 @@ async fn route_request(
             "application/json",
             format!("{{\"version\":\"{}\"}}", env!("CARGO_PKG_VERSION")).into_bytes(),
         )),
+        (_, p) if is_admin_path(p) => {
+            let (status, ctype, payload) = admin_call(shard, method, p, query, b, body).await;
+            Some((status, ctype, payload))
+        }
         (Method::Post, p) if is_json_route(p) => {
             let bytes = match body {
                 Body::Inline(n) => &b.inbuf[s + b.head.len..s + b.head.len + n],
@@ -460,7 +524,7 @@ async fn route_request(
             Next::Close
         };
     }
-    if shard.workers.is_empty() {
+    if set.is_empty() {
         respond_error(wr, b, &ApiError::new(503, "no worker is available"), close).await;
         return Next::KeepAlive;
     }
@@ -468,7 +532,99 @@ async fn route_request(
         Some(c) => c,
         None => choose_workers(shard, &b.head, &b.inbuf[s..s + b.head.len], None),
     };
-    proxy(shard, rd, wr, b, body, candidates).await
+    let _permit = match shard.admission.acquire().await {
+        Ok(p) => p,
+        Err(e) => {
+            return if respond_error(wr, b, &e, close).await {
+                Next::KeepAlive
+            } else {
+                Next::Close
+            };
+        }
+    };
+    proxy(shard, rd, wr, b, body, &set, candidates).await
+}
+
+/// Health probes and the version stay open to anyone; everything else needs the key.
+fn needs_client_auth(path: &[u8]) -> bool {
+    !matches!(
+        path,
+        b"/health" | b"/readiness" | b"/liveness" | b"/version"
+    )
+}
+
+/// `Authorization: Bearer <key>` with one of the configured keys, compared in constant
+/// time.
+fn client_authorized(shard: &Shard, head: &RequestHead, head_bytes: &[u8]) -> bool {
+    let Some(v) = head.header(head_bytes, b"authorization") else {
+        return false;
+    };
+    let Some(key) = v
+        .strip_prefix(b"Bearer ")
+        .or_else(|| v.strip_prefix(b"bearer "))
+    else {
+        return false;
+    };
+    let mut ok = false;
+    for k in &shard.cfg.client_api_keys {
+        ok |= constant_time_eq(key, k.as_bytes());
+    }
+    ok
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Hands an admin API request to the control plane and waits for its answer.
+async fn admin_call(
+    shard: &Shard,
+    method: Method,
+    path: &[u8],
+    query: &[u8],
+    b: &Buffers,
+    body: &Body,
+) -> (u16, &'static str, Vec<u8>) {
+    let Some(tx) = shard.cfg.admin.as_ref() else {
+        let e = ApiError::new(503, "the worker admin API is not available");
+        return (503, "application/json", e.body());
+    };
+    let method = match method {
+        Method::Get | Method::Head => "GET",
+        Method::Post => "POST",
+        Method::Delete => "DELETE",
+        Method::Other => {
+            let e = ApiError::new(405, "method not allowed on the worker admin API");
+            return (405, "application/json", e.body());
+        }
+    };
+    let s = b.start;
+    let bytes = match body {
+        Body::Inline(n) => b.inbuf[s + b.head.len..s + b.head.len + n].to_vec(),
+        Body::Decoded { .. } => b.decoded.clone(),
+    };
+    let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
+    let call = AdminCall {
+        method,
+        path: String::from_utf8_lossy(path).into_owned(),
+        query: String::from_utf8_lossy(query).into_owned(),
+        body: bytes,
+        reply: reply_tx,
+    };
+    if tx.send(call).is_err() {
+        let e = ApiError::new(503, "the control plane is not running");
+        return (503, "application/json", e.body());
+    }
+    match reply_rx.await {
+        Ok(r) => (r.status, r.content_type, r.body),
+        Err(_) => {
+            let e = ApiError::new(503, "the control plane did not answer");
+            (503, "application/json", e.body())
+        }
+    }
 }
 
 /// The policy's candidates for this request, from its session key (headers first, then
@@ -503,14 +659,26 @@ fn choose_workers(
 /// Why waiting on a worker stopped early.
 enum Interrupt {
     ClientGone,
+    /// `--request-timeout-secs` passed.
     TimedOut,
+    /// The worker sent nothing mid-response for the stream idle timeout.
+    Idle,
 }
 
-/// The client's socket, watched while a worker has the request, and the request deadline.
+/// The client's socket, watched while a worker has the request, and the deadlines: the
+/// request's, and once the response streams, the idle one. One timer serves both: it is
+/// set to the nearer, and when it fires after progress it is moved on rather than
+/// obeyed, so a busy stream costs no timer operation per read.
 struct Watch<'a, W> {
     read: Pin<&'a mut W>,
     state: WatchState,
     deadline: Pin<&'a mut Sleep>,
+    request_deadline: Instant,
+    /// Set while the response body streams.
+    idle: Option<std::time::Duration>,
+    /// Reads from the worker so far, and as of when the timer was last set.
+    progress: u64,
+    progress_at_arm: u64,
 }
 
 enum WatchState {
@@ -542,12 +710,32 @@ impl<W: Future<Output = BufResult<usize, Vec<u8>>>> Watch<'_, W> {
                     }
                 }
             }
-            if self.deadline.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Err(Interrupt::TimedOut));
+            while self.deadline.as_mut().poll(cx).is_ready() {
+                let now = Instant::now();
+                if now >= self.request_deadline {
+                    return Poll::Ready(Err(Interrupt::TimedOut));
+                }
+                match self.idle {
+                    Some(idle) if self.progress != self.progress_at_arm => {
+                        self.progress_at_arm = self.progress;
+                        let next = (now + idle).min(self.request_deadline);
+                        self.deadline.as_mut().reset(next);
+                    }
+                    Some(_) => return Poll::Ready(Err(Interrupt::Idle)),
+                    None => return Poll::Ready(Err(Interrupt::TimedOut)),
+                }
             }
             Poll::Pending
         })
         .await
+    }
+
+    /// From now on, a worker silent for `idle` is cut.
+    fn start_idle_timer(&mut self, idle: std::time::Duration) {
+        self.idle = Some(idle);
+        self.progress_at_arm = self.progress;
+        let next = (Instant::now() + idle).min(self.request_deadline);
+        self.deadline.as_mut().reset(next);
     }
 }
 
@@ -559,6 +747,7 @@ async fn proxy(
     wr: &mut ClientWr,
     b: &mut Buffers,
     body: &Body,
+    set: &WorkerSet,
     candidates: Candidates,
 ) -> Next {
     let canceller = Canceller::new();
@@ -568,13 +757,18 @@ async fn proxy(
         watch_buf.reserve(WATCH);
     }
     let read = pin!(rd.cancelable_read(watch_buf, canceller.handle()));
-    let deadline = pin!(sleep_until(Instant::now() + shard.cfg.request_timeout));
+    let request_deadline = Instant::now() + shard.cfg.request_timeout;
+    let deadline = pin!(sleep_until(request_deadline));
     let mut watch = Watch {
         read,
         state: WatchState::Pending,
         deadline,
+        request_deadline,
+        idle: None,
+        progress: 0,
+        progress_at_arm: 0,
     };
-    let next = exchange(shard, &mut watch, wr, b, body, candidates).await;
+    let next = exchange(shard, &mut watch, wr, b, body, set, candidates).await;
     let pipelined = match std::mem::replace(&mut watch.state, WatchState::Gone) {
         WatchState::Pending => {
             let _ = canceller.cancel();
@@ -602,8 +796,8 @@ async fn proxy(
 }
 
 /// A new connection to a worker (the pool had none idle).
-async fn connect(shard: &Shard, worker: usize) -> std::io::Result<TcpStream> {
-    let addr = shard.workers.get(worker).addr;
+async fn connect(shard: &Shard, worker: &Worker) -> std::io::Result<TcpStream> {
+    let addr = worker.addr;
     let s = match monoio::time::timeout(shard.cfg.connect_timeout, TcpStream::connect(addr)).await {
         Ok(r) => r?,
         Err(_) => {
@@ -654,76 +848,189 @@ impl Drop for InFlight<'_> {
 enum Attempt {
     /// The worker's head; whether the router asked for its load report.
     Head(TcpStream, ResponseHead, bool),
-    /// Nothing reached the worker that it could have acted on: try again, on the same
-    /// worker with a fresh connection when only a pooled connection was stale.
+    /// Nothing reached the client: try again, on the same worker with a fresh connection
+    /// when only a pooled connection was stale (not the worker's fault), else on another.
     Retry { error: String, same_worker: bool },
     /// Answered to the client, or the client is gone.
     Done(Next),
 }
 
-/// Phase 4: the request to a worker (trying the policy's candidates in order while the
-/// failure is one the worker cannot have acted on), then phase 5.
+/// Candidates that were passively down when their turn came: tried after all others.
+#[derive(Default)]
+struct Deferred {
+    positions: [usize; 8],
+    n: usize,
+    replayed: usize,
+}
+
+/// The next worker to try: the policy's order, skipping workers whose breaker is open
+/// (half-open ones let one probe through) and deferring those passively marked down.
+fn next_worker<'s>(
+    shard: &Shard,
+    set: &'s WorkerSet,
+    candidates: &mut Candidates,
+    deferred: &mut Deferred,
+) -> Option<(&'s Arc<Worker>, bool)> {
+    loop {
+        let pos = match candidates.next() {
+            Some(p) if !shard.board.is_usable(set.get(p).slot) && deferred.n < 8 => {
+                deferred.positions[deferred.n] = p;
+                deferred.n += 1;
+                continue;
+            }
+            Some(p) => p,
+            None if deferred.replayed < deferred.n => {
+                deferred.replayed += 1;
+                deferred.positions[deferred.replayed - 1]
+            }
+            None => return None,
+        };
+        let w = set.get(pos);
+        match shard.breakers.admit(w.slot, &w.url) {
+            Admit::Yes => return Some((w, false)),
+            Admit::Probe => return Some((w, true)),
+            Admit::No => continue,
+        }
+    }
+}
+
+/// An attempt's verdict for its worker's breaker; a probe that ends without one (the
+/// client left) lets the next probe go.
+struct Outcome<'a> {
+    breakers: &'a Breakers,
+    worker: &'a Worker,
+    probe: bool,
+    reported: bool,
+}
+
+impl<'a> Outcome<'a> {
+    fn new(shard: &'a Shard, worker: &'a Worker, probe: bool) -> Self {
+        Outcome {
+            breakers: &shard.breakers,
+            worker,
+            probe,
+            reported: false,
+        }
+    }
+
+    fn success(&mut self) {
+        if !self.reported {
+            self.reported = true;
+            self.breakers
+                .success(self.worker.slot, self.probe, &self.worker.url);
+        }
+    }
+
+    fn failure(&mut self) {
+        if !self.reported {
+            self.reported = true;
+            self.breakers
+                .failure(self.worker.slot, self.probe, &self.worker.url);
+        }
+    }
+}
+
+impl Drop for Outcome<'_> {
+    fn drop(&mut self) {
+        if self.probe && !self.reported {
+            self.breakers.release_probe(self.worker.slot);
+        }
+    }
+}
+
+/// Phase 4: the request to a worker, then phase 5. A failure before any response byte
+/// reached the client (connect error, reset before the head, or a retryable status) is
+/// tried again on the policy's next worker, up to `--retry-max-retries` attempts in all;
+/// after a retryable status the next attempt waits the backoff first. The last attempt's
+/// answer, whatever it is, goes to the client.
 async fn exchange<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     shard: &Shard,
     watch: &mut Watch<'_, W>,
     wr: &mut ClientWr,
     b: &mut Buffers,
     body: &Body,
-    candidates: Candidates,
+    set: &WorkerSet,
+    mut candidates: Candidates,
 ) -> Next {
     let close = !b.head.keep_alive;
+    let retry = shard.cfg.retry;
     let mut last_error = String::new();
-    // Workers marked down are tried only after every usable one failed.
-    let mut candidates = candidates;
-    let mut skipped: [usize; 8] = [0; 8];
-    let (mut nskipped, mut replayed) = (0, 0);
-    loop {
-        let next = loop {
-            match candidates.next() {
-                Some(w) if !shard.board.is_usable(w) && nskipped < skipped.len() => {
-                    skipped[nskipped] = w;
-                    nskipped += 1;
-                }
-                Some(w) => break Some(w),
-                None if replayed < nskipped => {
-                    replayed += 1;
-                    break Some(skipped[replayed - 1]);
-                }
-                None => break None,
+    let mut deferred = Deferred::default();
+    let mut attempts = 0u32;
+    let mut backoff = false;
+    let mut next = next_worker(shard, set, &mut candidates, &mut deferred);
+    while let Some((worker, probe)) = next.take() {
+        attempts += 1;
+        let mut outcome = Outcome::new(shard, worker, probe);
+        if backoff {
+            let wait = retry.backoff(attempts - 1, fastrand::f64());
+            if let Err(i) = watch.guard(monoio::time::sleep(wait)).await {
+                return interrupted(wr, b, i, close).await;
             }
-        };
-        let Some(worker) = next else { break };
+        }
         // Counted in the worker's load from the moment it is chosen until its response
         // ended (a stream's last byte), on whichever path this attempt leaves.
-        let _in_flight = InFlight::start(shard, worker);
-        // Stale pooled connections are retried on the same worker; the pool drops each
-        // one it hands out that failed, so this ends.
+        let _in_flight = InFlight::start(shard, worker.slot);
         loop {
             // Boxed: connecting and sending take more state than relaying, and only the
             // relay's should stay allocated for the length of a stream.
             match Box::pin(attempt(shard, watch, wr, b, body, worker)).await {
                 Attempt::Head(up, head, asked_load) => {
+                    let status = head.status;
+                    if is_retryable_status(status) && attempts < retry.max_attempts {
+                        if let Some(other) = next_worker(shard, set, &mut candidates, &mut deferred)
+                        {
+                            if status >= 500 {
+                                outcome.failure();
+                            }
+                            tracing::debug!(worker = %worker.url, status, "retrying on another worker");
+                            last_error = format!("{} answered {status}", worker.url);
+                            // Its answer is discarded with the connection.
+                            drop(up);
+                            backoff = true;
+                            next = Some(other);
+                            break;
+                        }
+                    }
+                    if status >= 500 {
+                        outcome.failure();
+                    } else {
+                        outcome.success();
+                    }
                     let how = ClientHead {
                         close,
                         dechunk: false,
                         strip_load_report: asked_load,
                     };
-                    return relay_body(shard, watch, wr, b, worker, up, head, how).await;
+                    return relay_body(shard, watch, wr, b, set, worker, up, head, how).await;
                 }
                 Attempt::Retry { error, same_worker } => {
                     last_error = error;
-                    if !same_worker {
-                        break;
+                    if same_worker {
+                        continue;
                     }
+                    outcome.failure();
+                    backoff = false;
+                    break;
                 }
                 Attempt::Done(next) => return next,
             }
         }
+        if next.is_none() && attempts < retry.max_attempts {
+            next = next_worker(shard, set, &mut candidates, &mut deferred);
+        }
     }
-    let e = ApiError::new(
-        502,
-        format!("no worker could take the request: {last_error}"),
-    );
+    let e = if attempts == 0 {
+        ApiError::new(
+            503,
+            "no worker is available: every worker's circuit breaker is open",
+        )
+    } else {
+        ApiError::new(
+            502,
+            format!("no worker could take the request ({attempts} attempts): {last_error}"),
+        )
+    };
     respond_error(wr, b, &e, close).await;
     Next::KeepAlive
 }
@@ -734,18 +1041,17 @@ async fn attempt<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     wr: &mut ClientWr,
     b: &mut Buffers,
     body: &Body,
-    worker: usize,
+    w: &Worker,
 ) -> Attempt {
     let close = !b.head.keep_alive;
-    let w = shard.workers.get(worker);
-    let pooled = shard.pool.borrow_mut().take(worker);
+    let pooled = shard.pool.borrow_mut().take(w.slot);
     let (mut up, reused) = match pooled {
         Some(s) => (s, true),
         // Boxed: a connect (with its timer) is the largest state here and the rarest.
-        None => match watch.guard(Box::pin(connect(shard, worker))).await {
+        None => match watch.guard(Box::pin(connect(shard, w))).await {
             Ok(Ok(s)) => (s, false),
             Ok(Err(e)) => {
-                if shard.board.mark_down(worker, PASSIVE_DOWN) {
+                if shard.board.mark_down(w.slot, PASSIVE_DOWN) {
                     tracing::warn!(worker = %w.url, error = %e, "worker refused a connection; routing around it for {PASSIVE_DOWN:?}");
                 }
                 return Attempt::Retry {
@@ -782,7 +1088,10 @@ async fn attempt<W: Future<Output = BufResult<usize, Vec<u8>>>>(
         &w.authority,
         &b.rid,
         body_len,
-        shard.asks_for_load,
+        &UpstreamHeadOpts {
+            ask_load: shard.asks_for_load,
+            authorization: shard.upstream_auth.as_deref(),
+        },
     );
     let coalesce = body_len <= COALESCE_BODY;
     if coalesce {
@@ -857,13 +1166,13 @@ async fn attempt<W: Future<Output = BufResult<usize, Vec<u8>>>>(
                 continue;
             }
             Ok(Some(head)) => {
-                shard.board.mark_up(worker);
+                shard.board.mark_up(w.slot);
                 if let Some((waiting, kv)) = head.load_report {
                     if let Some(n) = waiting {
-                        shard.board.set_waiting(worker, n);
+                        shard.board.set_waiting(w.slot, n);
                     }
                     if let Some(u) = kv {
-                        shard.board.set_kv_usage(worker, u);
+                        shard.board.set_kv_usage(w.slot, u);
                     }
                 }
                 return Attempt::Head(up, head, asked_load);
@@ -896,18 +1205,18 @@ async fn attempt<W: Future<Output = BufResult<usize, Vec<u8>>>>(
                             same_worker: true,
                         };
                     }
+                    // Reset or closed before answering: another worker may.
                     Ok(_) => {
-                        return bad_gateway(
-                            wr,
-                            b,
-                            &format!("{} closed the connection before responding", w.url),
-                            close,
-                        )
-                        .await
+                        return Attempt::Retry {
+                            error: format!("{} closed the connection before responding", w.url),
+                            same_worker: false,
+                        }
                     }
                     Err(e) => {
-                        return bad_gateway(wr, b, &format!("reading from {}: {e}", w.url), close)
-                            .await
+                        return Attempt::Retry {
+                            error: format!("reading from {}: {e}", w.url),
+                            same_worker: false,
+                        }
                     }
                 }
             }
@@ -933,7 +1242,7 @@ async fn bad_gateway(wr: &mut ClientWr, b: &mut Buffers, msg: &str, close: bool)
 async fn interrupted(wr: &mut ClientWr, b: &mut Buffers, i: Interrupt, close: bool) -> Next {
     match i {
         Interrupt::ClientGone => Next::Close,
-        Interrupt::TimedOut => {
+        Interrupt::TimedOut | Interrupt::Idle => {
             let e = ApiError::new(
                 504,
                 "the worker did not answer within --request-timeout-secs",
@@ -1003,7 +1312,8 @@ async fn relay_body<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     watch: &mut Watch<'_, W>,
     wr: &mut ClientWr,
     b: &mut Buffers,
-    worker: usize,
+    set: &WorkerSet,
+    worker: &Arc<Worker>,
     mut up: TcpStream,
     head: ResponseHead,
     mut how: ClientHead,
@@ -1042,23 +1352,52 @@ async fn relay_body<W: Future<Output = BufResult<usize, Vec<u8>>>>(
         return Next::Close;
     }
     release_request(b);
+    if !matches!(left, BodyLeft::Done) {
+        watch.start_idle_timer(shard.cfg.stream_idle_timeout);
+    }
     while !matches!(left, BodyLeft::Done) {
         let mut buf = std::mem::take(&mut b.upbuf);
         buf.clear();
         let (res, buf) = match watch.guard(up.read(buf)).await {
             Ok(r) => r,
-            Err(_) => {
-                // Client gone or deadline passed mid-body: the worker must stop now.
+            Err(Interrupt::ClientGone) => {
+                // The worker must stop generating now.
                 abort_upstream(&up);
                 return Next::Close;
             }
+            Err(i) => {
+                abort_upstream(&up);
+                shard.breakers.failure(worker.slot, false, &worker.url);
+                let why = if let Interrupt::Idle = i {
+                    tracing::warn!(worker = %worker.url, idle_secs = shard.cfg.stream_idle_timeout.as_secs_f64(), "worker went silent mid-response; cutting it");
+                    "the worker sent nothing for longer than the stream idle timeout"
+                } else {
+                    "the request took longer than --request-timeout-secs"
+                };
+                return end_with_error(wr, &left, dechunk, head.event_stream, close_client, why)
+                    .await;
+            }
         };
-        // EOF (or a reset) ends an until-close body; any other body is truncated, and
-        // closing the client connection is how the client sees that.
+        watch.progress += 1;
         let got: usize = res.unwrap_or_default();
         if got == 0 {
             b.upbuf = buf;
-            return Next::Close;
+            if let BodyLeft::UntilClose = left {
+                // EOF ends an until-close body.
+                return Next::Close;
+            }
+            // The worker closed (or reset) mid-body.
+            shard.breakers.failure(worker.slot, false, &worker.url);
+            tracing::warn!(worker = %worker.url, "worker closed the connection mid-response");
+            return end_with_error(
+                wr,
+                &left,
+                dechunk,
+                head.event_stream,
+                close_client,
+                "the worker closed the connection mid-response",
+            )
+            .await;
         }
         b.decoded.clear();
         let payload = if dechunk { Some(&mut b.decoded) } else { None };
@@ -1091,13 +1430,52 @@ async fn relay_body<W: Future<Output = BufResult<usize, Vec<u8>>>>(
             b.upbuf.reserve(got * 2);
         }
     }
-    if reusable {
-        shard.pool.borrow_mut().put(worker, up);
+    if reusable && set.contains(worker) {
+        shard.pool.borrow_mut().put(worker.slot, up);
     }
     if b.upbuf.capacity() > KEEP_BETWEEN_REQUESTS {
         b.upbuf = Vec::new();
     }
     if close_client {
+        Next::Close
+    } else {
+        Next::KeepAlive
+    }
+}
+
+/// Ends a response the worker broke off mid-body. A chunked event stream cut between
+/// chunks ends cleanly: vLLM's in-band error event, `[DONE]`, and the last chunk, so
+/// clients see an error rather than a hang or a silently short answer. Anything else can
+/// only be cut short: closing the connection tells the client the body is incomplete.
+async fn end_with_error(
+    wr: &mut ClientWr,
+    left: &BodyLeft,
+    dechunk: bool,
+    event_stream: bool,
+    close_client: bool,
+    message: &str,
+) -> Next {
+    let clean = event_stream && matches!(left, BodyLeft::Chunked(d) if d.at_chunk_start());
+    if !clean {
+        return Next::Close;
+    }
+    let mut event = Vec::with_capacity(160 + message.len());
+    event.extend_from_slice(b"data: {\"error\": {\"message\": ");
+    crate::http::error::write_json_string(&mut event, message);
+    event.extend_from_slice(
+        b", \"type\": \"BadGatewayError\", \"param\": null, \"code\": 502}}\n\ndata: [DONE]\n\n",
+    );
+    let out = if dechunk {
+        event
+    } else {
+        let mut out = Vec::with_capacity(event.len() + 16);
+        out.extend_from_slice(format!("{:x}\r\n", event.len()).as_bytes());
+        out.extend_from_slice(&event);
+        out.extend_from_slice(b"\r\n0\r\n\r\n");
+        out
+    };
+    let (res, _) = wr.write_all(out).await;
+    if res.is_err() || dechunk || close_client {
         Next::Close
     } else {
         Next::KeepAlive

@@ -6,17 +6,19 @@
 use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
 use monoio::net::{ListenerOpts, TcpListener};
 use monoio::time::TimeDriver;
 use monoio::{FusionRuntime, IoUringDriver, LegacyDriver, RuntimeBuilder};
 
+use crate::admission::{Admission, ShardAdmission};
+use crate::breaker::Breakers;
 use crate::config::{DataPlaneConfig, IoDriver};
 use crate::proxy::{serve_connection, Shard};
 use crate::route::Selector;
-use crate::sync::{LoadBoard, PrefixFeed};
+use crate::sync::{Directory, LoadBoard, PrefixFeed};
 use crate::upstream::Pool;
 
 /// What a shard reports once it is serving.
@@ -38,6 +40,10 @@ pub struct DataPlane {
     pub draining: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// The load view the shards route by; the control plane writes worker reports on it.
     pub board: std::sync::Arc<LoadBoard>,
+    /// Where the control plane publishes new worker sets.
+    pub directory: Arc<Directory>,
+    pub breakers: Arc<Breakers>,
+    pub admission: Arc<Admission>,
     pub shards: Vec<ShardInfo>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -66,6 +72,15 @@ impl DataPlane {
             let _ = t.join();
         }
     }
+}
+
+/// What every shard shares.
+#[derive(Clone)]
+struct Shared {
+    board: Arc<LoadBoard>,
+    directory: Arc<Directory>,
+    breakers: Arc<Breakers>,
+    admission: Arc<Admission>,
 }
 
 type Runtime = FusionRuntime<TimeDriver<IoUringDriver>, TimeDriver<LegacyDriver>>;
@@ -113,7 +128,14 @@ pub fn start(cfg: DataPlaneConfig) -> Result<DataPlane, String> {
         Vec::new()
     };
     let mut listen = cfg.listen;
-    let board = std::sync::Arc::new(LoadBoard::new(cfg.shards, cfg.workers.len()));
+    let slots = cfg.max_workers.max(cfg.workers.len());
+    let board = Arc::new(LoadBoard::new(cfg.shards, slots));
+    let shared = Shared {
+        board: board.clone(),
+        directory: Arc::new(Directory::new(cfg.workers.clone())),
+        breakers: Arc::new(Breakers::new(slots, cfg.breaker)),
+        admission: Arc::new(Admission::new(cfg.admission)),
+    };
     let mut feeds = PrefixFeed::mesh(cfg.shards).into_iter();
     let draining = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut infos = Vec::with_capacity(cfg.shards);
@@ -128,12 +150,12 @@ pub fn start(cfg: DataPlaneConfig) -> Result<DataPlane, String> {
         let (tx, rx) = mpsc::channel::<Result<(ShardInfo, SocketAddr), String>>();
         let mut shard_cfg = cfg.clone();
         shard_cfg.listen = listen;
-        let board = board.clone();
+        let shared = shared.clone();
         let feed = feeds.next();
         let drain = draining.clone();
         let t = std::thread::Builder::new()
             .name(format!("shard-{id}"))
-            .spawn(move || run_shard(id, core, shard_cfg, board, feed, drain, tx))
+            .spawn(move || run_shard(id, core, shard_cfg, shared, feed, drain, tx))
             .map_err(|e| format!("cannot spawn shard thread: {e}"))?;
         match rx.recv() {
             Ok(Ok((info, addr))) => {
@@ -149,6 +171,9 @@ pub fn start(cfg: DataPlaneConfig) -> Result<DataPlane, String> {
         local_addr: listen,
         draining,
         board,
+        directory: shared.directory,
+        breakers: shared.breakers,
+        admission: shared.admission,
         shards: infos,
         threads,
     })
@@ -158,7 +183,7 @@ fn run_shard(
     id: usize,
     core: Option<core_affinity::CoreId>,
     cfg: DataPlaneConfig,
-    board: std::sync::Arc<LoadBoard>,
+    shared: Shared,
     feed: Option<PrefixFeed>,
     draining: std::sync::Arc<std::sync::atomic::AtomicBool>,
     ready: mpsc::Sender<Result<(ShardInfo, SocketAddr), String>>,
@@ -191,26 +216,34 @@ fn run_shard(
             core: pinned,
         };
         let _ = ready.send(Ok((info, addr)));
-        let names: Vec<String> = cfg.workers.iter().map(|w| w.url.clone()).collect();
+        let workers = shared.directory.current();
+        let local = crate::route::WorkerSet::new(workers.epoch, workers.iter().cloned().collect());
         let shard = Rc::new(Shard {
             id,
             selector: RefCell::new(Selector::new(
                 cfg.policy.clone(),
                 id,
-                &names,
-                board.clone(),
+                &local,
+                shared.board.clone(),
                 feed,
             )),
-            board,
+            workers: RefCell::new(Rc::new(local)),
+            directory: shared.directory,
+            board: shared.board.clone(),
+            breakers: shared.breakers,
+            admission: ShardAdmission::new(shared.admission),
             pool: RefCell::new(Pool::new(
-                cfg.workers.len(),
+                shared.board.slots(),
                 cfg.pool_max_idle_per_worker,
                 cfg.upstream_idle_timeout,
             )),
             ids: crate::proxy::RequestIds::new(id),
             draining: draining.clone(),
             asks_for_load: cfg.policy.policy.uses_load(),
-            workers: cfg.workers.clone(),
+            upstream_auth: cfg
+                .worker_api_key
+                .as_ref()
+                .map(|k| format!("Bearer {k}").into_bytes()),
             cfg,
         });
         loop {

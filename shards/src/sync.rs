@@ -1,13 +1,49 @@
-//! What crosses threads, and only this: the load board (every shard's in-flight count per
-//! worker, written by its shard alone, plus what workers report about themselves), and the
+//! What crosses threads, and only this: the worker directory (the control plane publishes
+//! a new immutable worker set with a new epoch; shards notice with one atomic load per
+//! request), the load board (every shard's in-flight count per worker slot, written by its
+//! shard alone, plus what workers report about themselves and passive health), and the
 //! prefix feed (each shard's prefix-index inserts, sent to every other shard over lock-free
-//! channels). Nothing here waits: readers see values at most one store old.
+//! channels). Nothing on the request path waits: readers see values at most one store old.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
+
+use crate::route::WorkerSet;
+
+/// The current worker set. The control plane publishes; shards compare epochs on each
+/// request and take the new set (a lock, but only once per change) when it moved.
+pub struct Directory {
+    epoch: AtomicU64,
+    set: Mutex<WorkerSet>,
+}
+
+impl Directory {
+    pub fn new(set: WorkerSet) -> Self {
+        Directory {
+            epoch: AtomicU64::new(set.epoch),
+            set: Mutex::new(set),
+        }
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub fn current(&self) -> WorkerSet {
+        self.set.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Makes `set` current (its epoch must be higher than the current one).
+    pub fn publish(&self, set: WorkerSet) {
+        let epoch = set.epoch;
+        *self.set.lock().unwrap_or_else(|e| e.into_inner()) = set;
+        self.epoch
+            .store(epoch, std::sync::atomic::Ordering::Release);
+    }
+}
 
 /// 16 counters per cache line, so two shards never write the same line.
 #[repr(align(64))]
@@ -86,13 +122,18 @@ impl LoadBoard {
         until == 0 || until <= self.now_ms()
     }
 
-    /// Workers usable now.
-    pub fn usable_count(&self) -> usize {
-        (0..self.workers).filter(|&w| self.is_usable(w)).count()
+    /// Worker slots on the board.
+    pub fn slots(&self) -> usize {
+        self.workers
     }
 
-    pub fn workers(&self) -> usize {
-        self.workers
+    /// A slot handed to a new worker forgets what its previous holder reported.
+    pub fn reset_slot(&self, slot: usize) {
+        let r = &self.reports[slot];
+        r.waiting.store(UNKNOWN, Relaxed);
+        r.running.store(UNKNOWN, Relaxed);
+        r.kv_permille.store(UNKNOWN, Relaxed);
+        self.down_until[slot].store(0, Relaxed);
     }
 
     pub fn shards(&self) -> usize {
@@ -284,7 +325,7 @@ mod tests {
         assert!(b.mark_down(1, Duration::from_millis(50)));
         assert!(!b.mark_down(1, Duration::from_millis(50)), "already down");
         assert!(!b.is_usable(1));
-        assert_eq!(b.usable_count(), 1);
+        assert!(b.is_usable(0));
         std::thread::sleep(Duration::from_millis(80));
         assert!(b.is_usable(1));
         b.mark_down(1, Duration::from_secs(60));

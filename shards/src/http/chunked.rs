@@ -70,6 +70,11 @@ impl ChunkedDecoder {
         self.state == State::Done
     }
 
+    /// Between chunks: a new chunk (or the last one) may follow cleanly.
+    pub fn at_chunk_start(&self) -> bool {
+        self.state == State::Size && self.digits == 0
+    }
+
     /// Consumes bytes of `input` until the body ends or the input runs out; payload bytes
     /// are appended to `out` when given. Returns how many bytes were consumed: fewer than
     /// `input.len()` only when the body ended (the rest belongs to what follows).

@@ -14,6 +14,7 @@ pub enum Method {
     Get,
     Head,
     Post,
+    Delete,
     Other,
 }
 
@@ -116,6 +117,7 @@ impl RequestHead {
             "GET" => Method::Get,
             "HEAD" => Method::Head,
             "POST" => Method::Post,
+            "DELETE" => Method::Delete,
             _ => Method::Other,
         });
         let path = req.path.unwrap_or("");

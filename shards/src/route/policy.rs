@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use super::prefix::{block_hashes, worker_bit, PrefixIndex, WorkerMask, BLOCK};
 use super::ring::HashRing;
+use super::WorkerSet;
 use crate::sync::{LoadBoard, PrefixFeed};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,7 +135,8 @@ pub struct SelectorStats {
 pub struct Selector {
     cfg: PolicyConfig,
     shard: usize,
-    workers: usize,
+    /// The slot of each routable worker, by position in the current worker set.
+    slots: Vec<usize>,
     cursor: usize,
     rng: fastrand::Rng,
     ring: Option<HashRing>,
@@ -148,21 +150,20 @@ pub struct Selector {
 }
 
 impl Selector {
-    /// `names` identify the workers (their URLs) for the hash ring.
     pub fn new(
         cfg: PolicyConfig,
         shard: usize,
-        names: &[String],
+        workers: &WorkerSet,
         board: Arc<LoadBoard>,
         feed: Option<PrefixFeed>,
     ) -> Self {
         let p = cfg.policy;
-        Selector {
+        let mut s = Selector {
             shard,
-            workers: names.len(),
+            slots: Vec::new(),
             cursor: shard,
             rng: fastrand::Rng::new(),
-            ring: (p == Policy::ConsistentHash).then(|| HashRing::new(names)),
+            ring: None,
             prefix: matches!(p, Policy::CacheAware | Policy::LoadAware)
                 .then(|| PrefixIndex::new((cfg.max_tree_size / BLOCK).max(1))),
             feed,
@@ -172,7 +173,32 @@ impl Selector {
             depth: Vec::new(),
             stats: SelectorStats::default(),
             cfg,
+        };
+        s.set_workers(workers);
+        s
+    }
+
+    /// Routes over `workers` from now on (a new epoch): the ring is rebuilt from their
+    /// URLs (so keys move only off removed workers), and the prefix index forgets workers
+    /// that left.
+    pub fn set_workers(&mut self, workers: &WorkerSet) {
+        let slots: Vec<usize> = workers.iter().map(|w| w.slot).collect();
+        if let Some(idx) = self.prefix.as_mut() {
+            for &old in &self.slots {
+                if !slots.contains(&old) {
+                    idx.remove_worker(old);
+                }
+            }
         }
+        if self.cfg.policy == Policy::ConsistentHash {
+            let names: Vec<&str> = workers.iter().map(|w| w.url.as_str()).collect();
+            self.ring = Some(HashRing::new(&names));
+        }
+        self.slots = slots;
+    }
+
+    fn slot(&self, position: usize) -> usize {
+        self.slots[position]
     }
 
     pub fn policy(&self) -> Policy {
@@ -185,7 +211,7 @@ impl Selector {
 
     /// The workers to try for one request, best first. Each worker appears once.
     pub fn candidates(&mut self, input: &RouteInput<'_>) -> Candidates {
-        let n = self.workers;
+        let n = self.slots.len();
         if n == 0 {
             return Candidates::sequential(0, 0);
         }
@@ -203,7 +229,7 @@ impl Selector {
     }
 
     fn consistent_hash(&mut self, input: &RouteInput<'_>) -> Candidates {
-        let n = self.workers;
+        let n = self.slots.len();
         let ring = self.ring.as_ref().expect("ring for consistent_hash");
         let mut c = Candidates::sequential(0, n);
         let walk = match input.session_key {
@@ -224,7 +250,7 @@ impl Selector {
     }
 
     fn power_of_two(&mut self) -> Candidates {
-        let n = self.workers;
+        let n = self.slots.len();
         let mut c = Candidates::sequential(self.rng.usize(..n), n);
         if n == 1 {
             return c;
@@ -234,24 +260,28 @@ impl Selector {
         if b >= a {
             b += 1;
         }
-        let key = |w: usize| (self.board.in_flight(w), self.board.waiting(w).unwrap_or(0));
+        let key = |w: usize| {
+            let s = self.slot(w);
+            (self.board.in_flight(s), self.board.waiting(s).unwrap_or(0))
+        };
         let (first, second) = if key(b) < key(a) { (b, a) } else { (a, b) };
         c.prefer(first);
         c.prefer(second);
         c
     }
 
-    /// The least loaded of `among` (all workers when 0), ties broken at random so that
-    /// cold requests spread.
+    /// The least loaded of `among` (slot bits; all workers when 0), ties broken at random
+    /// so that cold requests spread. Returns a position.
     fn least_loaded(&mut self, among: WorkerMask) -> usize {
         let mut best = usize::MAX;
         let mut best_load = u64::MAX;
         let mut ties = 0u32;
-        for w in 0..self.workers {
-            if among != 0 && among & worker_bit(w) == 0 {
+        for w in 0..self.slots.len() {
+            let slot = self.slots[w];
+            if among != 0 && among & worker_bit(slot) == 0 {
                 continue;
             }
-            let load = self.board.in_flight(w) as u64;
+            let load = self.board.in_flight(slot) as u64;
             if load < best_load {
                 best = w;
                 best_load = load;
@@ -267,7 +297,7 @@ impl Selector {
     }
 
     fn prefix_aware(&mut self, input: &RouteInput<'_>) -> Candidates {
-        let n = self.workers;
+        let n = self.slots.len();
         // What the other shards routed since we last looked.
         if let (Some(feed), Some(idx)) = (self.feed.as_ref(), self.prefix.as_mut()) {
             for ins in feed.drain() {
@@ -280,11 +310,12 @@ impl Selector {
         } else {
             self.load_aware_pick(covered)
         };
+        let chosen_slot = self.slot(chosen);
         if let Some(idx) = self.prefix.as_mut() {
             self.fresh.clear();
-            idx.insert(&self.hashes, chosen, Some(&mut self.fresh));
+            idx.insert(&self.hashes, chosen_slot, Some(&mut self.fresh));
             if let Some(feed) = self.feed.as_mut() {
-                feed.publish(chosen, &self.fresh);
+                feed.publish(chosen_slot, &self.fresh);
             }
         }
         let mut c = Candidates::sequential((chosen + 1) % n, n);
@@ -297,8 +328,8 @@ impl Selector {
     /// least loaded.
     fn cache_aware_pick(&mut self, covered: usize) -> usize {
         let (mut max, mut min) = (0u32, u32::MAX);
-        for w in 0..self.workers {
-            let l = self.board.in_flight(w);
+        for &slot in &self.slots {
+            let l = self.board.in_flight(slot);
             max = max.max(l);
             min = min.min(l);
         }
@@ -331,7 +362,8 @@ impl Selector {
     fn load_aware_pick(&mut self, covered: usize) -> usize {
         let idx = self.prefix.as_mut().expect("prefix index");
         let total_blocks = self.hashes.len();
-        idx.depths(&self.hashes, self.workers, &mut self.depth);
+        let slot_count = self.slots.last().map_or(0, |&s| s + 1);
+        idx.depths(&self.hashes, slot_count, &mut self.depth);
         let any_match = self.depth.iter().any(|&d| d > 0);
         if !any_match || covered == 0 {
             self.stats.cache_misses += 1;
@@ -341,14 +373,16 @@ impl Selector {
         let mut best = 0;
         let mut best_cost = f64::MAX;
         let mut ties = 0u32;
-        for w in 0..self.workers {
-            let queue = self.board.in_flight(w) as f64 + self.board.waiting(w).unwrap_or(0) as f64;
+        for w in 0..self.slots.len() {
+            let slot = self.slots[w];
+            let queue =
+                self.board.in_flight(slot) as f64 + self.board.waiting(slot).unwrap_or(0) as f64;
             let hit = if total_blocks == 0 {
                 0.0
             } else {
-                self.depth.get(w).copied().unwrap_or(0) as f64 / total_blocks as f64
+                self.depth.get(slot).copied().unwrap_or(0) as f64 / total_blocks as f64
             };
-            let kv_penalty = match self.board.kv_usage(w) {
+            let kv_penalty = match self.board.kv_usage(slot) {
                 Some(u) if u > 0.9 => (u - 0.9) * 10.0 * self.cfg.prefix_weight,
                 _ => 0.0,
             };
@@ -428,11 +462,57 @@ impl Iterator for Candidates {
 mod tests {
     use super::*;
 
+    fn set_of(n: usize) -> WorkerSet {
+        let urls: Vec<String> = (0..n)
+            .map(|i| format!("http://127.0.0.1:{}", 8000 + i))
+            .collect();
+        WorkerSet::from_urls(&urls).unwrap()
+    }
+
+    #[test]
+    fn a_new_epoch_moves_hash_keys_only_off_the_removed_worker() {
+        let board = Arc::new(LoadBoard::new(1, 4));
+        let all = set_of(4);
+        let mut s = Selector::new(
+            PolicyConfig::new(Policy::ConsistentHash),
+            0,
+            &all,
+            board,
+            None,
+        );
+        let owner = |s: &mut Selector, set: &WorkerSet, k: &str| {
+            let c = s
+                .candidates(&RouteInput {
+                    session_key: Some(k.as_bytes()),
+                    text: &[],
+                })
+                .next()
+                .unwrap();
+            set.get(c).slot
+        };
+        let keys: Vec<String> = (0..200).map(|i| format!("user-{i}")).collect();
+        let before: Vec<usize> = keys.iter().map(|k| owner(&mut s, &all, k)).collect();
+        let without_2 = WorkerSet::new(1, all.iter().filter(|w| w.slot != 2).cloned().collect());
+        s.set_workers(&without_2);
+        for (k, &was) in keys.iter().zip(&before) {
+            let now = owner(&mut s, &without_2, k);
+            assert_ne!(now, 2);
+            if was != 2 {
+                assert_eq!(now, was, "{k} stayed on its worker");
+            }
+        }
+    }
+
     fn selector(policy: Policy, n: usize) -> (Selector, Arc<LoadBoard>) {
         let board = Arc::new(LoadBoard::new(1, n));
-        let names: Vec<String> = (0..n).map(|i| format!("http://w{i}:8000")).collect();
         (
-            Selector::new(PolicyConfig::new(policy), 0, &names, board.clone(), None),
+            Selector::new(
+                PolicyConfig::new(policy),
+                0,
+                &set_of(n),
+                board.clone(),
+                None,
+            ),
             board,
         )
     }
@@ -609,7 +689,7 @@ mod tests {
     #[test]
     fn an_insert_on_one_shard_steers_the_other() {
         let board = Arc::new(LoadBoard::new(2, 4));
-        let names: Vec<String> = (0..4).map(|i| format!("http://w{i}:8000")).collect();
+        let names = set_of(4);
         let mut feeds = PrefixFeed::mesh(2).into_iter();
         let mut a = Selector::new(
             PolicyConfig::new(Policy::CacheAware),

@@ -1,5 +1,6 @@
-//! A worker as the data plane knows it: where to connect, what to send as `Host`, and the
-//! URL operators wrote (used in logs and, later, metric labels).
+//! A worker as the data plane knows it (where to connect, what to send as `Host`, the URL
+//! operators wrote, its slot on the load board), and the worker set: the immutable list of
+//! routable workers for one epoch, as the control plane publishes it.
 
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -11,45 +12,69 @@ pub struct Worker {
     pub url: String,
     /// `host:port` as sent in the `Host` header.
     pub authority: String,
-    /// Resolved at start.
+    /// Resolved when the worker was added.
     pub addr: SocketAddr,
+    /// Its row on the load board and in the pools, stable for as long as it is a member
+    /// (the control plane reuses a slot only once nothing is in flight on it).
+    pub slot: usize,
 }
 
-/// An immutable set of workers; shards share it by `Arc` and index workers by position.
+/// The workers routable in one epoch, in slot order. Shards share it by `Arc`; policies
+/// index its members by position, the load board by slot.
 #[derive(Clone, Debug, Default)]
 pub struct WorkerSet {
-    workers: Arc<Vec<Worker>>,
+    pub epoch: u64,
+    members: Arc<[Arc<Worker>]>,
 }
 
 impl WorkerSet {
-    pub fn new(workers: Vec<Worker>) -> Self {
+    /// `members` in any order; they are kept in slot order.
+    pub fn new(epoch: u64, mut members: Vec<Arc<Worker>>) -> Self {
+        members.sort_by_key(|w| w.slot);
         WorkerSet {
-            workers: Arc::new(workers),
+            epoch,
+            members: members.into(),
         }
     }
 
+    /// Workers from URLs, in slots 0.. in the order given (epoch 0).
     pub fn from_urls<S: AsRef<str>>(urls: &[S]) -> Result<Self, WorkerUrlError> {
         let workers = urls
             .iter()
-            .map(|u| parse_worker_url(u.as_ref()))
+            .enumerate()
+            .map(|(slot, u)| parse_worker_url(u.as_ref(), slot).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(WorkerSet::new(workers))
+        Ok(WorkerSet::new(0, workers))
     }
 
     pub fn len(&self) -> usize {
-        self.workers.len()
+        self.members.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.workers.is_empty()
+        self.members.is_empty()
     }
 
-    pub fn get(&self, i: usize) -> &Worker {
-        &self.workers[i]
+    /// The member at `position` (what policies return).
+    pub fn get(&self, position: usize) -> &Arc<Worker> {
+        &self.members[position]
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &Worker> {
-        self.workers.iter()
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Worker>> {
+        self.members.iter()
+    }
+
+    /// The member in `slot`, if any.
+    pub fn by_slot(&self, slot: usize) -> Option<&Arc<Worker>> {
+        self.members
+            .binary_search_by_key(&slot, |w| w.slot)
+            .ok()
+            .map(|i| &self.members[i])
+    }
+
+    /// Whether `w` (this very worker, not a later one in its slot) is a member.
+    pub fn contains(&self, w: &Arc<Worker>) -> bool {
+        self.by_slot(w.slot).is_some_and(|m| Arc::ptr_eq(m, w))
     }
 }
 
@@ -67,8 +92,9 @@ impl fmt::Display for WorkerUrlError {
 
 impl std::error::Error for WorkerUrlError {}
 
-/// Parses `http://host:port` (port defaults to 80; a trailing `/` is ignored).
-pub fn parse_worker_url(url: &str) -> Result<Worker, WorkerUrlError> {
+/// Parses `http://host:port` (port defaults to 80; a trailing `/` is ignored) into a
+/// worker for `slot`.
+pub fn parse_worker_url(url: &str, slot: usize) -> Result<Worker, WorkerUrlError> {
     let err = |reason: &str| WorkerUrlError {
         url: url.to_string(),
         reason: reason.to_string(),
@@ -106,6 +132,7 @@ pub fn parse_worker_url(url: &str) -> Result<Worker, WorkerUrlError> {
         url: format!("http://{authority}"),
         authority: authority.to_string(),
         addr,
+        slot,
     })
 }
 
@@ -124,7 +151,7 @@ mod tests {
 
     #[test]
     fn parses_host_and_port() {
-        let w = parse_worker_url("http://127.0.0.1:8000/").unwrap();
+        let w = parse_worker_url("http://127.0.0.1:8000/", 0).unwrap();
         assert_eq!(w.url, "http://127.0.0.1:8000");
         assert_eq!(w.authority, "127.0.0.1:8000");
         assert_eq!(w.addr, "127.0.0.1:8000".parse().unwrap());
@@ -132,24 +159,24 @@ mod tests {
 
     #[test]
     fn default_port_is_80() {
-        let w = parse_worker_url("http://127.0.0.1").unwrap();
+        let w = parse_worker_url("http://127.0.0.1", 0).unwrap();
         assert_eq!(w.addr.port(), 80);
         assert_eq!(w.authority, "127.0.0.1");
     }
 
     #[test]
     fn ipv6_literal() {
-        let w = parse_worker_url("http://[::1]:9000").unwrap();
+        let w = parse_worker_url("http://[::1]:9000", 0).unwrap();
         assert_eq!(w.addr, "[::1]:9000".parse().unwrap());
-        let w = parse_worker_url("http://[::1]").unwrap();
+        let w = parse_worker_url("http://[::1]", 0).unwrap();
         assert_eq!(w.addr.port(), 80);
     }
 
     #[test]
     fn refuses_what_it_cannot_route_to() {
-        assert!(parse_worker_url("127.0.0.1:8000").is_err());
-        assert!(parse_worker_url("https://h:1").is_err());
-        assert!(parse_worker_url("http://h:1/v1").is_err());
-        assert!(parse_worker_url("http://").is_err());
+        assert!(parse_worker_url("127.0.0.1:8000", 0).is_err());
+        assert!(parse_worker_url("https://h:1", 0).is_err());
+        assert!(parse_worker_url("http://h:1/v1", 0).is_err());
+        assert!(parse_worker_url("http://", 0).is_err());
     }
 }

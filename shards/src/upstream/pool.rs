@@ -56,6 +56,15 @@ impl Pool {
         });
     }
 
+    /// Closes idle connections to slots that `keep` rejects (workers that left the set).
+    pub fn retain_slots(&mut self, keep: impl Fn(usize) -> bool) {
+        for (slot, list) in self.idle.iter_mut().enumerate() {
+            if !list.is_empty() && !keep(slot) {
+                list.clear();
+            }
+        }
+    }
+
     pub fn idle_count(&self, worker: usize) -> usize {
         self.idle[worker].len()
     }

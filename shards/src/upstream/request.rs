@@ -18,9 +18,18 @@ fn set_by_proxy(name: &[u8]) -> bool {
     OWN.iter().any(|h| h.eq_ignore_ascii_case(name))
 }
 
+/// What the router adds to an upstream request beyond the client's.
+#[derive(Default)]
+pub struct UpstreamHeadOpts<'a> {
+    /// Ask vLLM for its in-band load report (`endpoint-load-metrics`) unless the client
+    /// asked already.
+    pub ask_load: bool,
+    /// `Authorization` value for the worker (`Bearer <--api-key>`), replacing the client's.
+    pub authorization: Option<&'a [u8]>,
+}
+
 /// Writes the upstream request head for `req` (whose spans index `head`) into `out`.
-/// With `ask_load`, asks vLLM for its in-band load report (`endpoint-load-metrics`) unless
-/// the client asked already; returns whether the router asked (then the report is the
+/// Returns whether the router asked for the load report (then the report is the
 /// router's, not the client's).
 pub fn write_upstream_head(
     out: &mut Vec<u8>,
@@ -29,7 +38,7 @@ pub fn write_upstream_head(
     authority: &str,
     request_id: &[u8],
     body_len: usize,
-    ask_load: bool,
+    opts: &UpstreamHeadOpts<'_>,
 ) -> bool {
     out.extend_from_slice(&head[req.method_span.clone()]);
     out.push(b' ');
@@ -50,6 +59,7 @@ pub fn write_upstream_head(
         let name = h.name(head);
         if set_by_proxy(name)
             || is_hop_by_hop(name)
+            || (opts.authorization.is_some() && name.eq_ignore_ascii_case(b"authorization"))
             || (nconn > 0 && listed_in_connection(&connection_values[..nconn], name))
         {
             continue;
@@ -62,7 +72,12 @@ pub fn write_upstream_head(
     out.extend_from_slice(b"x-request-id: ");
     out.extend_from_slice(request_id);
     out.extend_from_slice(b"\r\n");
-    let asked = ask_load && req.header(head, LOAD_FORMAT).is_none();
+    if let Some(auth) = opts.authorization {
+        out.extend_from_slice(b"authorization: ");
+        out.extend_from_slice(auth);
+        out.extend_from_slice(b"\r\n");
+    }
+    let asked = opts.ask_load && req.header(head, LOAD_FORMAT).is_none();
     if asked {
         out.extend_from_slice(b"endpoint-load-metrics-format: TEXT\r\n");
     }
@@ -95,7 +110,7 @@ mod tests {
             "127.0.0.1:8000",
             b"client-id",
             5,
-            false,
+            &UpstreamHeadOpts::default(),
         );
         assert!(!asked);
         assert_eq!(
@@ -105,20 +120,57 @@ mod tests {
     }
 
     #[test]
+    fn the_worker_api_key_replaces_the_clients_authorization() {
+        let raw = b"POST /v1/completions HTTP/1.1\r\nAuthorization: Bearer client-key\r\n\r\n";
+        let mut req = RequestHead::default();
+        req.parse(raw, 8192).unwrap();
+        let mut out = Vec::new();
+        let opts = UpstreamHeadOpts {
+            ask_load: false,
+            authorization: Some(b"Bearer worker-key"),
+        };
+        write_upstream_head(&mut out, raw, &req, "w:1", b"id", 2, &opts);
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains("authorization: Bearer worker-key\r\n"),
+            "{text}"
+        );
+        assert!(!text.contains("client-key"), "{text}");
+    }
+
+    #[test]
     fn asks_for_load_unless_the_client_did() {
         let raw = b"POST /v1/completions HTTP/1.1\r\nHost: r\r\n\r\n";
         let mut req = RequestHead::default();
         req.parse(raw, 8192).unwrap();
         let mut out = Vec::new();
         assert!(write_upstream_head(
-            &mut out, raw, &req, "w:1", b"id", 2, true
+            &mut out,
+            raw,
+            &req,
+            "w:1",
+            b"id",
+            2,
+            &UpstreamHeadOpts {
+                ask_load: true,
+                authorization: None
+            }
         ));
         assert!(String::from_utf8_lossy(&out).contains("endpoint-load-metrics-format: TEXT\r\n"));
         let raw = b"POST /v1/completions HTTP/1.1\r\nendpoint-load-metrics-format: JSON\r\n\r\n";
         req.parse(raw, 8192).unwrap();
         out.clear();
         assert!(!write_upstream_head(
-            &mut out, raw, &req, "w:1", b"id", 2, true
+            &mut out,
+            raw,
+            &req,
+            "w:1",
+            b"id",
+            2,
+            &UpstreamHeadOpts {
+                ask_load: true,
+                authorization: None
+            }
         ));
         let text = String::from_utf8_lossy(&out).into_owned();
         assert_eq!(

@@ -29,6 +29,8 @@ pub struct ResponseHead {
     pub has_request_id: bool,
     /// vLLM's in-band load report (`endpoint-load-metrics`): (waiting, KV usage).
     pub load_report: Option<(Option<u32>, Option<f64>)>,
+    /// `Content-Type: text/event-stream` (a stream can end with an in-band error event).
+    pub event_stream: bool,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -54,6 +56,7 @@ impl ResponseHead {
         let mut close = resp.version == Some(0);
         let mut has_request_id = false;
         let mut load_report = None;
+        let mut event_stream = false;
         for h in resp.headers.iter() {
             let n = h.name.as_bytes();
             if n.eq_ignore_ascii_case(b"content-length") {
@@ -93,6 +96,9 @@ impl ResponseHead {
                 }
             } else if n.eq_ignore_ascii_case(b"x-request-id") {
                 has_request_id = true;
+            } else if n.eq_ignore_ascii_case(b"content-type") {
+                event_stream =
+                    h.value.len() >= 17 && h.value[..17].eq_ignore_ascii_case(b"text/event-stream");
             } else if n.eq_ignore_ascii_case(LOAD_METRICS) {
                 load_report = Some(crate::sync::parse_endpoint_load_metrics(h.value));
             }
@@ -115,6 +121,7 @@ impl ResponseHead {
             reusable: !close,
             has_request_id,
             load_report,
+            event_stream,
         }))
     }
 }
