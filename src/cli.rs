@@ -119,6 +119,128 @@ pub struct Cli {
     /// [ringrouter] Start 4 built-in mock vLLM workers on loopback and route to them.
     #[arg(long)]
     pub demo: bool,
+
+    #[command(flatten)]
+    pub reliability: ReliabilityArgs,
+}
+
+/// Health checks, circuit breakers, retries, admission and auth (vllm-router's names and
+/// defaults unless marked).
+#[derive(clap::Args, Debug)]
+#[command(next_help_heading = "Health, breakers, retries, admission, auth")]
+pub struct ReliabilityArgs {
+    /// Seconds between active health checks of each worker ([ringrouter] 0: no checks;
+    /// workers are routable as soon as they are added).
+    #[arg(long, default_value_t = 60)]
+    pub health_check_interval_secs: u64,
+
+    /// Seconds a health check may take.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub health_check_timeout_secs: u64,
+
+    /// Path checked on each worker (any 2xx is healthy).
+    #[arg(long, default_value = "/health", value_parser = parse_endpoint)]
+    pub health_check_endpoint: String,
+
+    /// Consecutive failed checks that make a healthy worker unhealthy.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub health_failure_threshold: u32,
+
+    /// Consecutive good checks that make an unhealthy worker healthy again.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub health_success_threshold: u32,
+
+    /// Workers start unknown and are routed to after their first good check; while
+    /// unknown they are checked every --worker-startup-check-interval for this long, then
+    /// every --health-check-interval-secs. 0: route to workers at once, before any check.
+    #[arg(long, default_value_t = 600)]
+    pub worker_startup_timeout_secs: u64,
+
+    /// Seconds between checks of a worker that is not yet healthy, during startup.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub worker_startup_check_interval: u64,
+
+    /// Consecutive failures (connect errors, resets, 5xx, timeouts), from any shard, that
+    /// open a worker's circuit breaker.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub cb_failure_threshold: u32,
+
+    /// Successful probes in a row that close a half-open breaker.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub cb_success_threshold: u32,
+
+    /// Seconds an open breaker stays open before probing the worker.
+    #[arg(long, default_value_t = 60)]
+    pub cb_timeout_duration_secs: u64,
+
+    /// Accepted for compatibility: ringrouter's breaker counts consecutive failures, not
+    /// failures within a window.
+    #[arg(long, default_value_t = 120)]
+    pub cb_window_duration_secs: u64,
+
+    /// Never open circuit breakers.
+    #[arg(long)]
+    pub disable_circuit_breaker: bool,
+
+    /// Attempts per request in all, the first included (retries go to other workers, only
+    /// before any response byte reached the client).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub retry_max_retries: u32,
+
+    /// Backoff before the first retry after a retryable status, in milliseconds.
+    #[arg(long, default_value_t = 50)]
+    pub retry_initial_backoff_ms: u64,
+
+    /// Largest backoff, in milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    pub retry_max_backoff_ms: u64,
+
+    /// Backoff growth per retry.
+    #[arg(long, default_value_t = 1.5, value_parser = parse_positive)]
+    pub retry_backoff_multiplier: f64,
+
+    /// Backoff varies by up to this fraction either way.
+    #[arg(long, default_value_t = 0.2, value_parser = parse_ratio)]
+    pub retry_jitter_factor: f64,
+
+    /// One attempt per request (same as --retry-max-retries 1).
+    #[arg(long)]
+    pub disable_retries: bool,
+
+    /// Requests with a worker at once, across all shards.
+    #[arg(long, default_value_t = 32768, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_requests: u32,
+
+    /// Requests that may wait for a slot beyond --max-concurrent-requests (429 beyond;
+    /// 0: 429 at once).
+    #[arg(long, default_value_t = 100)]
+    pub queue_size: u32,
+
+    /// Seconds a request may wait for a slot (408 after).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub queue_timeout_secs: u64,
+
+    /// [ringrouter] A worker that sends nothing mid-response for this many seconds is cut
+    /// and counted as failed; the client's stream ends with an error event.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub stream_idle_timeout_secs: u64,
+
+    /// [ringrouter] Require `Authorization: Bearer <key>` from clients (repeatable: any of
+    /// the keys). Health probes and /version stay open.
+    #[arg(long = "client-api-key", value_name = "KEY")]
+    pub client_api_keys: Vec<String>,
+
+    /// Sent to workers as `Authorization: Bearer <key>` (replacing the client's).
+    #[arg(long, value_name = "KEY")]
+    pub api_key: Option<String>,
+}
+
+fn parse_endpoint(s: &str) -> Result<String, String> {
+    if s.starts_with('/') {
+        Ok(s.to_string())
+    } else {
+        Err(format!("'{s}' is not a path (it must start with '/')"))
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -148,10 +270,11 @@ fn parse_policy(s: &str) -> Result<Policy, String> {
 
 impl Cli {
     /// The data plane's configuration for these flags and the given worker URLs.
-    pub fn data_plane_config(&self, worker_urls: &[String]) -> Result<DataPlaneConfig, String> {
-        let workers =
-            WorkerSet::from_urls(worker_urls).map_err(|e| format!("--worker-urls: {e}"))?;
-        let mut cfg = DataPlaneConfig::new(SocketAddr::new(self.host, self.port), workers);
+    /// The data plane's settings; it starts with no workers (the control plane publishes
+    /// them).
+    pub fn data_plane_config(&self) -> DataPlaneConfig {
+        let mut cfg =
+            DataPlaneConfig::new(SocketAddr::new(self.host, self.port), WorkerSet::default());
         cfg.shards = match self.shards {
             Some(n) => n as usize,
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -174,7 +297,48 @@ impl Cli {
         cfg.request_timeout = Duration::from_secs(self.request_timeout_secs);
         cfg.keepalive_timeout = Duration::from_secs(self.client_keepalive_timeout_secs);
         cfg.header_read_timeout = Duration::from_secs(self.client_header_timeout_secs);
-        Ok(cfg)
+        let r = &self.reliability;
+        cfg.retry = shards::retry::RetryConfig {
+            max_attempts: if r.disable_retries {
+                1
+            } else {
+                r.retry_max_retries
+            },
+            initial_backoff: Duration::from_millis(r.retry_initial_backoff_ms),
+            max_backoff: Duration::from_millis(r.retry_max_backoff_ms),
+            multiplier: r.retry_backoff_multiplier,
+            jitter: r.retry_jitter_factor,
+        };
+        cfg.breaker = shards::breaker::BreakerConfig {
+            enabled: !r.disable_circuit_breaker,
+            failure_threshold: r.cb_failure_threshold,
+            success_threshold: r.cb_success_threshold,
+            open_for: Duration::from_secs(r.cb_timeout_duration_secs),
+        };
+        cfg.admission = shards::admission::AdmissionConfig {
+            max_concurrent: r.max_concurrent_requests,
+            queue_size: r.queue_size,
+            queue_timeout: Duration::from_secs(r.queue_timeout_secs),
+        };
+        cfg.stream_idle_timeout = Duration::from_secs(r.stream_idle_timeout_secs);
+        cfg.client_api_keys = r.client_api_keys.clone();
+        cfg.worker_api_key = r.api_key.clone();
+        cfg
+    }
+
+    /// Active health checking as the flags say.
+    pub fn health_config(&self) -> crate::control::registry::HealthConfig {
+        let r = &self.reliability;
+        crate::control::registry::HealthConfig {
+            enabled: r.health_check_interval_secs > 0,
+            interval: Duration::from_secs(r.health_check_interval_secs.max(1)),
+            timeout: Duration::from_secs(r.health_check_timeout_secs),
+            endpoint: r.health_check_endpoint.clone(),
+            failure_threshold: r.health_failure_threshold,
+            success_threshold: r.health_success_threshold,
+            startup_timeout: Duration::from_secs(r.worker_startup_timeout_secs),
+            startup_check_interval: Duration::from_secs(r.worker_startup_check_interval),
+        }
     }
 }
 
@@ -195,8 +359,17 @@ mod tests {
         assert_eq!(cli.max_payload_size, 536_870_912);
         assert_eq!(cli.request_timeout_secs, 1800);
         assert_eq!(cli.log_level, "info");
-        let cfg = cli.data_plane_config(&[]).unwrap();
+        let cfg = cli.data_plane_config();
         assert!(cfg.pin_cores);
+        assert_eq!(cfg.retry.max_attempts, 5);
+        assert_eq!(cfg.breaker.failure_threshold, 10);
+        assert_eq!(cfg.admission.max_concurrent, 32768);
+        assert_eq!(cfg.admission.queue_size, 100);
+        let h = cli.health_config();
+        assert!(h.enabled);
+        assert_eq!(h.interval.as_secs(), 60);
+        assert_eq!((h.failure_threshold, h.success_threshold), (3, 2));
+        assert_eq!(h.endpoint, "/health");
     }
 
     #[test]
@@ -212,7 +385,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(cli.worker_urls.len(), 2);
-        assert!(!cli.data_plane_config(&cli.worker_urls).unwrap().pin_cores);
+        assert!(!cli.data_plane_config().pin_cores);
     }
 
     #[test]
@@ -233,15 +406,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("--io-driver"), "{e}");
-        let cli = Cli::try_parse_from([
-            "ringrouter",
-            "--policy",
-            "random",
-            "--worker-urls",
-            "localhost:8000",
-        ])
-        .unwrap();
-        let e = cli.data_plane_config(&cli.worker_urls).unwrap_err();
-        assert!(e.contains("--worker-urls"), "{e}");
+        let e = Cli::try_parse_from(["ringrouter", "--health-check-endpoint", "health"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--health-check-endpoint"), "{e}");
+        let cli = Cli::try_parse_from(["ringrouter", "--disable-retries"]).unwrap();
+        assert_eq!(cli.data_plane_config().retry.max_attempts, 1);
     }
 }

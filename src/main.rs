@@ -44,13 +44,10 @@ fn main() -> ExitCode {
             "no --worker-urls given: every routed request will get 503 until workers exist"
         );
     }
-    let cfg = match cli.data_plane_config(&worker_urls) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
-    };
+    let (admin_tx, admin_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut cfg = cli.data_plane_config();
+    cfg.admin = Some(admin_tx);
+    cfg.max_workers = cfg.max_workers.max(worker_urls.len());
     let plane = match shards::start(cfg) {
         Ok(p) => p,
         Err(e) => {
@@ -58,9 +55,40 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let mut registry = control::registry::Registry::new(
+        plane.directory.clone(),
+        plane.board.clone(),
+        plane.breakers.clone(),
+        cli.health_config(),
+    );
+    for url in &worker_urls {
+        if let Err(e) = registry.add(url, control::membership::Role::Regular) {
+            let why = match e {
+                control::registry::AddError::Invalid(m) => m,
+                control::registry::AddError::Exists => format!("'{url}' is given twice"),
+                control::registry::AddError::Full(n) => format!("more than {n} workers"),
+            };
+            eprintln!("error: --worker-urls: {why}");
+            return ExitCode::from(2);
+        }
+    }
+    registry.publish();
     let scrape = (cli.policy.uses_load() && cli.load_scrape_interval_ms > 0)
         .then(|| std::time::Duration::from_millis(cli.load_scrape_interval_ms));
-    control::start(worker_urls.clone(), plane.board.clone(), scrape);
+    let (membership_tx, membership_rx) = tokio::sync::mpsc::unbounded_channel();
+    let health_timeout = cli.health_config().timeout;
+    let first_round = control::start(control::Control {
+        registry,
+        directory: plane.directory.clone(),
+        board: plane.board.clone(),
+        admin: admin_rx,
+        membership: membership_rx,
+        membership_tx,
+        scrape_every: scrape,
+    });
+    // Scripts wait for the "listening" line: let the first health checks decide which
+    // workers are routable before it (bounded by the check timeout).
+    let _ = first_round.recv_timeout(health_timeout + std::time::Duration::from_secs(1));
     let drivers: Vec<&str> = plane.shards.iter().map(|s| s.driver).collect();
     tracing::info!(
         listen = %plane.local_addr,

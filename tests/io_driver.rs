@@ -47,7 +47,7 @@ fn auto_falls_back_to_epoll_without_io_uring_and_serves() {
         ],
     )
     .expect("starts under nouring");
-    assert!(r.log().contains("driver=\"epoll\""), "{}", r.log());
+    assert!(r.log_contains("driver=\"epoll\""), "{}", r.log());
     let resp = exchange(
         r.addr,
         &post_json(
@@ -74,7 +74,7 @@ fn uring_refuses_to_start_without_io_uring() {
 fn epoll_can_be_chosen() {
     let m = mocks(1, |_| {});
     let r = Router::start(&["--worker-urls", &m[0].url(), "--io-driver", "epoll"]);
-    assert!(r.log().contains("driver=\"epoll\""));
+    assert!(r.log_contains("driver=\"epoll\""), "{}", r.log());
     let resp = exchange(
         r.addr,
         &post_json(

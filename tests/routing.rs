@@ -167,11 +167,17 @@ fn invalid_utf8_in_a_prompt_is_400_and_the_router_lives() {
 
 /// A worker whose `/metrics` says `waiting` requests queue on it, and that answers every
 /// other request with its name.
-fn gauged_worker(name: &'static str, waiting: u32) -> RawUpstream {
+fn gauged_worker(
+    name: &'static str,
+    waiting: u32,
+) -> (RawUpstream, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     use std::io::Write;
-    RawUpstream::spawn(move |mut s| {
+    let scrapes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = scrapes.clone();
+    let up = RawUpstream::spawn(move |mut s| {
         while let Some((head, _)) = read_request(&mut s) {
             let body = if head.starts_with("GET /metrics") {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 format!(
                     "vllm:num_requests_waiting{{engine=\"0\",model_name=\"m\"}} {waiting}.0\nvllm:num_requests_running{{engine=\"0\",model_name=\"m\"}} 1.0\n"
                 )
@@ -186,13 +192,14 @@ fn gauged_worker(name: &'static str, waiting: u32) -> RawUpstream {
                 return;
             }
         }
-    })
+    });
+    (up, scrapes)
 }
 
 #[test]
 fn scraped_queue_depth_breaks_power_of_two_ties() {
-    let busy = gauged_worker("busy", 50);
-    let idle = gauged_worker("idle", 0);
+    let (busy, busy_scrapes) = gauged_worker("busy", 50);
+    let (idle, _) = gauged_worker("idle", 0);
     let r = Router::start(&[
         "--worker-urls",
         &busy.url,
@@ -202,7 +209,13 @@ fn scraped_queue_depth_breaks_power_of_two_ties() {
         "--load-scrape-interval-ms",
         "50",
     ]);
-    std::thread::sleep(std::time::Duration::from_millis(400));
+    // Two scrapes of the busy worker: the first one's answer is on the board by then.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while busy_scrapes.load(std::sync::atomic::Ordering::SeqCst) < 2
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     for i in 0..20 {
         assert_eq!(served_by(&r, &completion(&format!("{i}"))), "idle");
     }

@@ -9,7 +9,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use shards::sync::LoadBoard;
+use shards::sync::{Directory, LoadBoard};
 
 /// vLLM's load as read from one `/metrics` page.
 #[derive(Debug, Default, PartialEq)]
@@ -48,7 +48,7 @@ pub fn parse_metrics(text: &str) -> LoadGauges {
     g
 }
 
-pub async fn run(worker_urls: Vec<String>, board: Arc<LoadBoard>, every: Duration) {
+pub async fn run(directory: Arc<Directory>, board: Arc<LoadBoard>, every: Duration) {
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
         .build_http();
@@ -56,8 +56,9 @@ pub async fn run(worker_urls: Vec<String>, board: Arc<LoadBoard>, every: Duratio
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let scrapes = worker_urls.iter().enumerate().map(|(i, url)| {
-            let url = url.clone();
+        let workers = directory.current();
+        let scrapes = workers.iter().map(|w| {
+            let (url, slot) = (w.url.clone(), w.slot);
             let client = client.clone();
             let board = board.clone();
             async move {
@@ -79,13 +80,13 @@ pub async fn run(worker_urls: Vec<String>, board: Arc<LoadBoard>, every: Duratio
                     return;
                 };
                 if let Some(w) = g.waiting {
-                    board.set_waiting(i, w as u32);
+                    board.set_waiting(slot, w as u32);
                 }
                 if let Some(r) = g.running {
-                    board.set_running(i, r as u32);
+                    board.set_running(slot, r as u32);
                 }
                 if let Some(k) = g.kv_usage {
-                    board.set_kv_usage(i, k);
+                    board.set_kv_usage(slot, k);
                 }
             }
         });

@@ -1,23 +1,44 @@
 //! The control plane: one thread with a tokio runtime and a hyper client, never on the
-//! request path. For now it scrapes each worker's `/metrics` for vLLM's load gauges and
-//! writes them on the shards' load board (the fallback for streamed requests, which carry
-//! no in-band load report). Health checks and discovery will live here too.
+//! request path. It owns worker membership (the registry), runs the active health checks,
+//! answers the worker admin API for the shards, applies membership changes from other
+//! sources (Kubernetes discovery), and scrapes vLLM's load gauges onto the load board.
+//! Every change to the routable set reaches the shards as a new worker-set epoch.
 
+mod admin_api;
+mod health;
 mod load_scrape;
-#[allow(dead_code)] // wired in by the registry (issue 6)
+#[allow(dead_code)] // constructed by Kubernetes discovery
 pub mod membership;
+pub mod registry;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use shards::sync::LoadBoard;
+use shards::admin::AdminCall;
+use shards::sync::{Directory, LoadBoard};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::time::Instant;
 
-/// Starts the control-plane thread.
-pub fn start(worker_urls: Vec<String>, board: Arc<LoadBoard>, scrape_every: Option<Duration>) {
-    let Some(every) = scrape_every else { return };
-    if worker_urls.is_empty() {
-        return;
-    }
+use membership::MembershipChange;
+use registry::{Health, Registry};
+
+/// What the control plane is started with.
+pub struct Control {
+    pub registry: Registry,
+    pub directory: Arc<Directory>,
+    pub board: Arc<LoadBoard>,
+    pub admin: UnboundedReceiver<AdminCall>,
+    pub membership: UnboundedReceiver<MembershipChange>,
+    /// Keeps the membership channel open when no source holds a sender.
+    pub membership_tx: UnboundedSender<MembershipChange>,
+    pub scrape_every: Option<Duration>,
+}
+
+/// Starts the control-plane thread. The returned receiver gets one message when the
+/// first round of health checks is over (at once when checks are off or not needed).
+pub fn start(control: Control) -> std::sync::mpsc::Receiver<()> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let spawned = std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
@@ -28,12 +49,153 @@ pub fn start(worker_urls: Vec<String>, board: Arc<LoadBoard>, scrape_every: Opti
                 Ok(rt) => rt,
                 Err(e) => {
                     tracing::error!(error = %e, "control plane: cannot start its runtime");
+                    let _ = ready_tx.send(());
                     return;
                 }
             };
-            rt.block_on(load_scrape::run(worker_urls, board, every));
+            rt.block_on(run(control, ready_tx));
         });
     if let Err(e) = spawned {
         tracing::error!(error = %e, "control plane: cannot spawn its thread");
+    }
+    ready_rx
+}
+
+async fn run(mut c: Control, ready: std::sync::mpsc::Sender<()>) {
+    let client = health::client();
+    let started = Instant::now();
+    let (results_tx, mut results) =
+        tokio::sync::mpsc::unbounded_channel::<(String, Result<(), String>)>();
+    // When each worker is next checked; checks in flight are not started twice.
+    let mut due: HashMap<String, Instant> = HashMap::new();
+    let mut checking: HashMap<String, ()> = HashMap::new();
+    let mut first_round: Option<usize> = None;
+    if c.registry.health.enabled {
+        let now = Instant::now();
+        for e in c.registry.entries() {
+            due.insert(e.worker.url.clone(), now);
+        }
+        first_round = Some(due.len());
+    }
+    if first_round.is_none_or(|n| n == 0) {
+        let _ = ready.send(());
+        first_round = None;
+    }
+    if let Some(every) = c.scrape_every {
+        tokio::spawn(load_scrape::run(
+            c.directory.clone(),
+            c.board.clone(),
+            every,
+        ));
+    }
+    let _keep_open = c.membership_tx.clone();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            Some(call) = c.admin.recv() => {
+                let (reply, effect) = admin_api::handle(&mut c.registry, &call);
+                match effect {
+                    admin_api::Effect::Added(url) => {
+                        c.registry.publish();
+                        if c.registry.health.enabled {
+                            due.insert(url, Instant::now());
+                        }
+                    }
+                    admin_api::Effect::Removed => c.registry.publish(),
+                    admin_api::Effect::None => {}
+                }
+                let _ = call.reply.send(reply);
+            }
+            Some(change) = c.membership.recv() => {
+                if let Some(url) = apply(&mut c.registry, change) {
+                    if c.registry.health.enabled {
+                        due.insert(url, Instant::now());
+                    }
+                }
+            }
+            Some((url, result)) = results.recv() => {
+                checking.remove(&url);
+                let failed = result.as_ref().err().cloned();
+                if let Some(state) = c.registry.record_check(&url, result) {
+                    match state {
+                        Health::Healthy => tracing::info!(worker = %url, "worker healthy: routing to it"),
+                        Health::Unhealthy => tracing::warn!(worker = %url, error = failed.as_deref().unwrap_or(""), "worker unhealthy: not routing to it"),
+                        Health::Unknown => {}
+                    }
+                    c.registry.publish();
+                } else if let Some(err) = failed {
+                    tracing::debug!(worker = %url, error = %err, "health check failed");
+                }
+                if let Some(e) = c.registry.get(&url) {
+                    let startup = e.health == Health::Unknown
+                        && started.elapsed() < c.registry.health.startup_timeout;
+                    let next = if startup {
+                        c.registry.health.startup_check_interval.min(c.registry.health.interval)
+                    } else {
+                        c.registry.health.interval
+                    };
+                    due.insert(url, Instant::now() + next);
+                } else {
+                    due.remove(&url);
+                }
+                if let Some(n) = first_round.as_mut() {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        first_round = None;
+                        let _ = ready.send(());
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                let now = Instant::now();
+                let h = &c.registry.health;
+                for (url, at) in due.iter() {
+                    if *at > now || checking.contains_key(url) {
+                        continue;
+                    }
+                    checking.insert(url.clone(), ());
+                    let (client, url, tx) = (client.clone(), url.clone(), results_tx.clone());
+                    let (endpoint, timeout) = (h.endpoint.clone(), h.timeout);
+                    tokio::spawn(async move {
+                        let r = health::check(&client, &url, &endpoint, timeout).await;
+                        let _ = tx.send((url, r));
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Applies a change from a membership source; returns the URL of a worker to check.
+fn apply(reg: &mut Registry, change: MembershipChange) -> Option<String> {
+    match change {
+        MembershipChange::Add { url, role } => {
+            if let Some(e) = reg.get(&url) {
+                if e.role == role {
+                    return None;
+                }
+                reg.remove(&url);
+            }
+            match reg.add(&url, role) {
+                Ok(e) => {
+                    let url = e.worker.url.clone();
+                    tracing::info!(worker = %url, "worker added");
+                    reg.publish();
+                    Some(url)
+                }
+                Err(e) => {
+                    tracing::warn!(worker = %url, error = ?e, "cannot add worker");
+                    None
+                }
+            }
+        }
+        MembershipChange::Remove { url } => {
+            if reg.remove(&url).is_some() {
+                tracing::info!(worker = %url, "worker removed");
+                reg.publish();
+            }
+            None
+        }
     }
 }

@@ -41,6 +41,11 @@ impl Router {
         if !args.contains(&"--load-scrape-interval-ms") {
             cmd.args(["--load-scrape-interval-ms", "0"]);
         }
+        // Likewise the active health checks (and raw upstreams expect only the test's
+        // requests); tests about health turn them on.
+        if !args.contains(&"--health-check-interval-secs") {
+            cmd.args(["--health-check-interval-secs", "0"]);
+        }
         cmd.args(args)
             .env_remove("RUST_LOG")
             .stdout(Stdio::piped())
@@ -77,6 +82,20 @@ impl Router {
                 std::thread::sleep(Duration::from_millis(100));
                 Err(log.lock().unwrap().clone())
             }
+        }
+    }
+
+    /// Waits up to 5 s for the router's log to contain `needle`; returns whether it did.
+    pub fn log_contains(&self, needle: &str) -> bool {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if self.log().contains(needle) {
+                return true;
+            }
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 

@@ -1,0 +1,289 @@
+//! Worker membership and health, owned by the control plane: every worker that was
+//! configured, added through the admin API or discovered, its slot on the load board, and
+//! its active-health state. Each change publishes a new worker-set epoch (the routable
+//! workers: healthy ones) for the shards to adopt.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use shards::breaker::Breakers;
+use shards::route::{parse_worker_url, Worker, WorkerSet};
+use shards::sync::{Directory, LoadBoard};
+
+use super::membership::Role;
+
+/// Active health of one worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Health {
+    /// Not checked yet (or never answered since it was added): not routable.
+    Unknown,
+    Healthy,
+    Unhealthy,
+}
+
+impl Health {
+    pub fn name(self) -> &'static str {
+        match self {
+            Health::Unknown => "unknown",
+            Health::Healthy => "healthy",
+            Health::Unhealthy => "unhealthy",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct HealthConfig {
+    /// Off: every worker is routable as soon as it is added.
+    pub enabled: bool,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub endpoint: String,
+    pub failure_threshold: u32,
+    pub success_threshold: u32,
+    /// 0: workers are routable at once, before their first check.
+    pub startup_timeout: Duration,
+    /// While starting, unknown workers are checked this often.
+    pub startup_check_interval: Duration,
+}
+
+pub struct Entry {
+    pub worker: Arc<Worker>,
+    pub role: Role,
+    pub health: Health,
+    ok_streak: u32,
+    fail_streak: u32,
+    pub last_error: Option<String>,
+}
+
+pub struct Registry {
+    directory: Arc<Directory>,
+    board: Arc<LoadBoard>,
+    breakers: Arc<Breakers>,
+    pub health: HealthConfig,
+    /// In the order workers were added.
+    entries: Vec<Entry>,
+    epoch: u64,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum AddError {
+    Exists,
+    Invalid(String),
+    Full(usize),
+}
+
+impl Registry {
+    pub fn new(
+        directory: Arc<Directory>,
+        board: Arc<LoadBoard>,
+        breakers: Arc<Breakers>,
+        health: HealthConfig,
+    ) -> Self {
+        let epoch = directory.epoch();
+        Registry {
+            directory,
+            board,
+            breakers,
+            health,
+            entries: Vec::new(),
+            epoch,
+        }
+    }
+
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    pub fn get(&self, url: &str) -> Option<&Entry> {
+        let url = normalize(url);
+        self.entries.iter().find(|e| e.worker.url == url)
+    }
+
+    /// Adds a worker (not yet published: call `publish`). With health checks on, it is
+    /// routable only after its first good check.
+    pub fn add(&mut self, url: &str, role: Role) -> Result<&Entry, AddError> {
+        if self.get(url).is_some() {
+            return Err(AddError::Exists);
+        }
+        let slot = self.free_slot().ok_or(AddError::Full(self.board.slots()))?;
+        let worker = parse_worker_url(url, slot).map_err(|e| AddError::Invalid(e.to_string()))?;
+        self.board.reset_slot(slot);
+        self.breakers.reset(slot);
+        let routable_at_once = !self.health.enabled || self.health.startup_timeout.is_zero();
+        self.entries.push(Entry {
+            worker: Arc::new(worker),
+            role,
+            health: if routable_at_once {
+                Health::Healthy
+            } else {
+                Health::Unknown
+            },
+            ok_streak: 0,
+            fail_streak: 0,
+            last_error: None,
+        });
+        Ok(self.entries.last().expect("just pushed"))
+    }
+
+    /// Removes a worker (not yet published). Its requests in flight finish.
+    pub fn remove(&mut self, url: &str) -> Option<Entry> {
+        let url = normalize(url);
+        let i = self.entries.iter().position(|e| e.worker.url == url)?;
+        Some(self.entries.remove(i))
+    }
+
+    /// The lowest slot no member holds and nothing is in flight on (a removed worker's
+    /// slot is reused only once its last request ended).
+    fn free_slot(&self) -> Option<usize> {
+        let mut used = vec![false; self.board.slots()];
+        for e in &self.entries {
+            used[e.worker.slot] = true;
+        }
+        (0..used.len()).find(|&s| !used[s] && self.board.in_flight(s) == 0)
+    }
+
+    /// Records a health check's result; returns the new state if it changed.
+    pub fn record_check(&mut self, url: &str, result: Result<(), String>) -> Option<Health> {
+        let cfg = self.health.clone();
+        let e = self.entries.iter_mut().find(|e| e.worker.url == url)?;
+        let before = e.health;
+        match result {
+            Ok(()) => {
+                e.ok_streak += 1;
+                e.fail_streak = 0;
+                e.last_error = None;
+                let needed = if before == Health::Unknown {
+                    1
+                } else {
+                    cfg.success_threshold
+                };
+                if before != Health::Healthy && e.ok_streak >= needed {
+                    e.health = Health::Healthy;
+                }
+            }
+            Err(err) => {
+                e.fail_streak += 1;
+                e.ok_streak = 0;
+                e.last_error = Some(err);
+                if before == Health::Healthy && e.fail_streak >= cfg.failure_threshold {
+                    e.health = Health::Unhealthy;
+                }
+            }
+        }
+        (e.health != before).then_some(e.health)
+    }
+
+    /// Publishes the routable workers (healthy ones) as a new epoch.
+    pub fn publish(&mut self) {
+        self.epoch += 1;
+        let members = self
+            .entries
+            .iter()
+            .filter(|e| e.health == Health::Healthy)
+            .map(|e| e.worker.clone())
+            .collect();
+        self.directory.publish(WorkerSet::new(self.epoch, members));
+    }
+
+    /// In-flight requests on `w` from every shard.
+    pub fn load(&self, w: &Worker) -> u32 {
+        self.board.in_flight(w.slot)
+    }
+
+    pub fn breaker_state(&self, w: &Worker) -> shards::breaker::BreakerState {
+        self.breakers.state(w.slot)
+    }
+}
+
+/// Worker URLs compare without a trailing slash.
+pub fn normalize(url: &str) -> &str {
+    url.trim_end_matches('/')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shards::breaker::BreakerConfig;
+
+    fn registry(enabled: bool) -> Registry {
+        let board = Arc::new(LoadBoard::new(1, 4));
+        Registry::new(
+            Arc::new(Directory::new(WorkerSet::default())),
+            board,
+            Arc::new(Breakers::new(4, BreakerConfig::default())),
+            HealthConfig {
+                enabled,
+                interval: Duration::from_secs(60),
+                timeout: Duration::from_secs(5),
+                endpoint: "/health".into(),
+                failure_threshold: 3,
+                success_threshold: 2,
+                startup_timeout: Duration::from_secs(600),
+                startup_check_interval: Duration::from_secs(1),
+            },
+        )
+    }
+
+    #[test]
+    fn a_new_worker_is_routable_after_its_first_good_check() {
+        let mut r = registry(true);
+        r.add("http://127.0.0.1:9001", Role::Regular).unwrap();
+        r.publish();
+        assert!(r.directory.current().is_empty());
+        assert_eq!(
+            r.record_check("http://127.0.0.1:9001", Err("refused".into())),
+            None
+        );
+        assert_eq!(
+            r.record_check("http://127.0.0.1:9001", Ok(())),
+            Some(Health::Healthy)
+        );
+        r.publish();
+        assert_eq!(r.directory.current().len(), 1);
+    }
+
+    #[test]
+    fn thresholds_decide_unhealthy_and_back() {
+        let mut r = registry(true);
+        let u = "http://127.0.0.1:9001";
+        r.add(u, Role::Regular).unwrap();
+        r.record_check(u, Ok(()));
+        assert_eq!(r.record_check(u, Err("x".into())), None);
+        assert_eq!(r.record_check(u, Err("x".into())), None);
+        assert_eq!(r.record_check(u, Err("x".into())), Some(Health::Unhealthy));
+        assert_eq!(r.record_check(u, Ok(())), None, "needs two successes");
+        assert_eq!(r.record_check(u, Ok(())), Some(Health::Healthy));
+    }
+
+    #[test]
+    fn slots_are_reused_only_when_nothing_is_in_flight() {
+        let mut r = registry(false);
+        r.add("http://127.0.0.1:9001", Role::Regular).unwrap();
+        r.add("http://127.0.0.1:9002", Role::Regular).unwrap();
+        assert_eq!(r.get("http://127.0.0.1:9001").unwrap().worker.slot, 0);
+        r.board.started(0, 0);
+        r.remove("http://127.0.0.1:9001/").unwrap();
+        let s = r
+            .add("http://127.0.0.1:9003", Role::Regular)
+            .unwrap()
+            .worker
+            .slot;
+        assert_eq!(s, 2, "slot 0 still has a request in flight");
+        r.board.finished(0, 0);
+        let s = r
+            .add("http://127.0.0.1:9004", Role::Regular)
+            .unwrap()
+            .worker
+            .slot;
+        assert_eq!(s, 0);
+        assert_eq!(
+            r.add("http://127.0.0.1:9004", Role::Regular).err(),
+            Some(AddError::Exists)
+        );
+        r.add("http://127.0.0.1:9005", Role::Regular).unwrap();
+        assert_eq!(
+            r.add("http://127.0.0.1:9006", Role::Regular).err(),
+            Some(AddError::Full(4))
+        );
+    }
+}
