@@ -122,6 +122,9 @@ pub struct Cli {
 
     #[command(flatten)]
     pub reliability: ReliabilityArgs,
+
+    #[command(flatten)]
+    pub discovery: crate::control::discovery::DiscoveryArgs,
 }
 
 /// Health checks, circuit breakers, retries, admission and auth (vllm-router's names and

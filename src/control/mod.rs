@@ -5,6 +5,8 @@
 //! Every change to the routable set reaches the shards as a new worker-set epoch.
 
 mod admin_api;
+#[allow(dead_code)] // wired in by main.rs (issue 6)
+pub mod discovery;
 mod health;
 mod load_scrape;
 #[allow(dead_code)] // constructed by Kubernetes discovery
