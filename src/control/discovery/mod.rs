@@ -13,6 +13,10 @@
 
 mod pod;
 mod reconcile;
+#[cfg(test)]
+mod stub_apiserver;
+#[cfg(test)]
+mod tests;
 
 use std::pin::pin;
 use std::time::Duration;
