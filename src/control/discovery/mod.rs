@@ -1,5 +1,5 @@
 //! Kubernetes discovery: watches Pods with kube-rs on the control plane's tokio runtime and
-//! announces workers to the registry as [`MembershipChange`]s. vllm-router's flags
+//! announces workers to the registry as `MembershipChange`s. vllm-router's flags
 //! (`--service-discovery`, `--selector`, `--service-discovery-port`,
 //! `--service-discovery-namespace`, `--prefill-selector`, `--decode-selector`) and its
 //! bootstrap annotation `vllm.ai/bootstrap-port`; unlike vllm-router, a pod that turns
@@ -10,6 +10,9 @@
 //! and checked again here. Errors back off exponentially (0.8 s doubling to 30 s, jittered,
 //! as client-go does), each logged once at warn; the backoff resets once the API server
 //! answers again.
+//!
+//! The router's service account needs `list` and `watch` on `pods`: a Role in the namespace
+//! with `--service-discovery-namespace`, a ClusterRole without it.
 
 mod pod;
 mod reconcile;
