@@ -17,8 +17,6 @@
 mod pod;
 mod reconcile;
 #[cfg(test)]
-mod stub_apiserver;
-#[cfg(test)]
 mod tests;
 
 use std::pin::pin;

@@ -1,5 +1,5 @@
 //! Discovery end to end: the real kube-rs client and watcher against the stub API server
-//! (`stub_apiserver.rs`) on 127.0.0.1, changes read off the membership channel.
+//! (the `stub-apiserver` dev-dependency) on 127.0.0.1, changes read off the membership channel.
 //!
 //! No test bounds how fast anything happens (a loaded 2-core machine may be slow): waits
 //! poll with a generous deadline, and "nothing else was announced" is proven by ordering:
@@ -11,13 +11,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
-use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::pod::BOOTSTRAP_PORT_ANNOTATION;
-use super::stub_apiserver::{Cluster, Port};
 use super::*;
 use crate::control::membership::{MembershipChange, Role};
+use stub_apiserver::{pod, Cluster, Port};
 
 /// How long a test waits for something that should happen.
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -43,103 +42,6 @@ fn flags(extra: &[&str]) -> DiscoveryArgs {
     Flags::try_parse_from(argv.iter().chain(extra))
         .unwrap()
         .discovery
-}
-
-/// A pod as the API server returns it; by default `default/<name>`, labelled `app=vllm`,
-/// Running and Ready.
-#[derive(Clone)]
-struct PodSpec {
-    namespace: String,
-    name: String,
-    labels: Vec<(String, String)>,
-    annotations: Vec<(String, String)>,
-    phase: &'static str,
-    ready: bool,
-    ip: Option<String>,
-    deleting: bool,
-}
-
-fn pod(name: &str, ip: &str) -> PodSpec {
-    PodSpec {
-        namespace: "default".into(),
-        name: name.into(),
-        labels: vec![("app".into(), "vllm".into())],
-        annotations: Vec::new(),
-        phase: "Running",
-        ready: true,
-        ip: Some(ip.into()),
-        deleting: false,
-    }
-}
-
-impl PodSpec {
-    fn namespace(mut self, ns: &str) -> Self {
-        self.namespace = ns.into();
-        self
-    }
-    fn labels(mut self, labels: &[(&str, &str)]) -> Self {
-        self.labels = labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        self
-    }
-    fn annotate(mut self, k: &str, v: &str) -> Self {
-        self.annotations.push((k.into(), v.into()));
-        self
-    }
-    fn phase(mut self, phase: &'static str) -> Self {
-        self.phase = phase;
-        self
-    }
-    fn ready(mut self, ready: bool) -> Self {
-        self.ready = ready;
-        self
-    }
-    fn ip(mut self, ip: Option<&str>) -> Self {
-        self.ip = ip.map(str::to_string);
-        self
-    }
-    fn deleting(mut self) -> Self {
-        self.deleting = true;
-        self
-    }
-
-    fn json(&self) -> Value {
-        let map = |kv: &[(String, String)]| {
-            Value::Object(kv.iter().map(|(k, v)| (k.clone(), json!(v))).collect())
-        };
-        let mut metadata = json!({
-            "name": self.name,
-            "namespace": self.namespace,
-            "uid": format!("uid-{}-{}", self.namespace, self.name),
-            "labels": map(&self.labels),
-            "annotations": map(&self.annotations),
-        });
-        if self.deleting {
-            metadata["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
-        }
-        let ready = if self.ready { "True" } else { "False" };
-        let mut status = json!({
-            "phase": self.phase,
-            "conditions": [
-                {"type": "Initialized", "status": "True"},
-                {"type": "Ready", "status": ready},
-                {"type": "ContainersReady", "status": ready},
-            ],
-        });
-        if let Some(ip) = &self.ip {
-            status["podIP"] = json!(ip);
-            status["podIPs"] = json!([{"ip": ip}]);
-        }
-        json!({
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": metadata,
-            "spec": {"containers": [{"name": "vllm", "image": "vllm/vllm-openai"}]},
-            "status": status,
-        })
-    }
 }
 
 fn add(url: &str, role: Role) -> MembershipChange {

@@ -1,5 +1,6 @@
-//! A stub Kubernetes API server for the discovery tests, on real sockets on 127.0.0.1: Pods
-//! only, `GET /api/v1/pods` and `GET /api/v1/namespaces/{ns}/pods`, list and `watch=true`,
+//! A stub Kubernetes API server for ringrouter's discovery tests (the unit tests of
+//! `control::discovery` and the end-to-end tests of the binary), on real sockets on
+//! 127.0.0.1: Pods only, `GET /api/v1/pods` and `GET /api/v1/namespaces/{ns}/pods`, list and `watch=true`,
 //! with `labelSelector` (equality terms). It behaves as the real one does where the client
 //! can tell:
 //! - every change bumps a global resourceVersion; a list carries the current one;
@@ -14,6 +15,13 @@
 //! The cluster's state (`Cluster`) outlives the listener (`Server`), so a test can stop the
 //! API server, change pods while it is down, and serve the same state again on the same port
 //! (held meanwhile, bound but not listening: clients are refused as by a server that is down).
+//!
+//! [`Cluster::serve`] runs on the caller's tokio runtime; [`Cluster::serve_in_thread`] brings
+//! its own, for tests without one. [`pod`] builds the pod objects.
+
+mod pod;
+
+pub use pod::{pod, PodSpec};
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -67,7 +75,14 @@ fn key_of(pod: &Value) -> (String, String) {
     )
 }
 
+impl Default for Cluster {
+    fn default() -> Cluster {
+        Cluster::new()
+    }
+}
+
 impl Cluster {
+    /// No pods yet.
     pub fn new() -> Cluster {
         Cluster {
             state: Arc::default(),
@@ -152,6 +167,48 @@ impl Cluster {
     /// Serves this cluster on a free port of 127.0.0.1.
     pub fn serve(&self) -> io::Result<Server> {
         self.serve_on(Port::reserve()?)
+    }
+
+    /// Serves this cluster on a free port of 127.0.0.1 from a thread with its own tokio
+    /// runtime, until the returned handle is dropped.
+    pub fn serve_in_thread(&self) -> io::Result<ThreadServer> {
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let cluster = self.clone();
+        let thread = std::thread::Builder::new()
+            .name("stub-apiserver".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = started_tx.send(Err(e));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    match cluster.serve() {
+                        Ok(server) => {
+                            let _ = started_tx.send(Ok(server.port));
+                            let _ = stopped.await;
+                            drop(server.stop().await);
+                        }
+                        Err(e) => {
+                            let _ = started_tx.send(Err(e));
+                        }
+                    }
+                });
+            })?;
+        let port = started
+            .recv()
+            .map_err(|_| io::Error::other("the stub API server's thread died"))??;
+        Ok(ThreadServer {
+            port,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
     }
 
     /// Serves this cluster on a port reserved before (clients were refused until now).
@@ -373,6 +430,28 @@ impl Server {
         self.task.abort();
         let _ = self.task.await;
         Port::hold(self.port).expect("the stopped API server's port can be held again")
+    }
+}
+
+/// A [`Cluster`] served from a thread of its own; dropping it stops the server.
+pub struct ThreadServer {
+    pub port: u16,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ThreadServer {
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for ThreadServer {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
