@@ -618,14 +618,26 @@ async fn admin_call(
         let e = ApiError::new(503, "the control plane is not running");
         return (503, "application/json", e.body());
     }
-    match reply_rx.await {
-        Ok(r) => (r.status, r.content_type, r.body),
-        Err(_) => {
-            let e = ApiError::new(503, "the control plane did not answer");
-            (503, "application/json", e.body())
+    // Polled, not awaited: the control thread would wake this shard's task from another
+    // thread, which monoio (without its `sync` feature) does not allow. Admin calls are
+    // rare; a millisecond's poll costs nothing.
+    let mut reply_rx = reply_rx;
+    loop {
+        match reply_rx.try_recv() {
+            Ok(r) => return (r.status, r.content_type, r.body),
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {
+                monoio::time::sleep(ADMIN_POLL).await
+            }
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                let e = ApiError::new(503, "the control plane did not answer");
+                return (503, "application/json", e.body());
+            }
         }
     }
 }
+
+/// How often a shard looks for the control plane's answer to an admin call.
+const ADMIN_POLL: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// The policy's candidates for this request, from its session key (headers first, then
 /// body fields) and routing text, as far as the policy reads them.
