@@ -23,6 +23,24 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
 
+    // P/D mode is not built yet: discovery runs with --selector alone.
+    if let Err(e) = cli.discovery.validate(false) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    let discovery = cli
+        .discovery
+        .service_discovery
+        .then(|| cli.discovery.clone());
+    if discovery.is_some()
+        && !(cli.discovery.prefill_selector.is_empty() && cli.discovery.decode_selector.is_empty())
+    {
+        tracing::warn!(
+            "--prefill-selector and --decode-selector are for P/D mode, which ringrouter does \
+             not have yet: ignored (pods matching --selector are regular workers)"
+        );
+    }
+
     // The demo's workers live as long as the process.
     let demo = if cli.demo {
         match demo::start_workers() {
@@ -39,7 +57,7 @@ fn main() -> ExitCode {
     if let Some(d) = &demo {
         worker_urls.extend(d.urls());
     }
-    if worker_urls.is_empty() {
+    if worker_urls.is_empty() && discovery.is_none() {
         tracing::warn!(
             "no --worker-urls given: every routed request will get 503 until workers exist"
         );
@@ -85,10 +103,15 @@ fn main() -> ExitCode {
         membership: membership_rx,
         membership_tx,
         scrape_every: scrape,
+        discovery,
     });
     // Scripts wait for the "listening" line: let the first health checks decide which
     // workers are routable before it (bounded by the check timeout).
-    let _ = first_round.recv_timeout(health_timeout + std::time::Duration::from_secs(1));
+    if let Ok(Err(e)) = first_round.recv_timeout(health_timeout + std::time::Duration::from_secs(1))
+    {
+        eprintln!("error: {e}");
+        return ExitCode::from(1);
+    }
     let drivers: Vec<&str> = plane.shards.iter().map(|s| s.driver).collect();
     tracing::info!(
         listen = %plane.local_addr,

@@ -5,11 +5,9 @@
 //! Every change to the routable set reaches the shards as a new worker-set epoch.
 
 mod admin_api;
-#[allow(dead_code)] // wired in by main.rs (issue 6)
 pub mod discovery;
 mod health;
 mod load_scrape;
-#[allow(dead_code)] // constructed by Kubernetes discovery
 pub mod membership;
 pub mod registry;
 
@@ -35,11 +33,16 @@ pub struct Control {
     /// Keeps the membership channel open when no source holds a sender.
     pub membership_tx: UnboundedSender<MembershipChange>,
     pub scrape_every: Option<Duration>,
+    /// Kubernetes discovery (`--service-discovery`), its flags validated: it sends what it
+    /// finds on `membership_tx`.
+    pub discovery: Option<discovery::DiscoveryArgs>,
 }
 
 /// Starts the control-plane thread. The returned receiver gets one message when the
-/// first round of health checks is over (at once when checks are off or not needed).
-pub fn start(control: Control) -> std::sync::mpsc::Receiver<()> {
+/// first round of health checks is over (at once when checks are off or not needed), or
+/// an error at once if the control plane cannot start (no runtime; discovery on but no
+/// Kubernetes configuration to be found).
+pub fn start(mut control: Control) -> std::sync::mpsc::Receiver<Result<(), String>> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let spawned = std::thread::Builder::new()
         .name("control".into())
@@ -50,11 +53,34 @@ pub fn start(control: Control) -> std::sync::mpsc::Receiver<()> {
             {
                 Ok(rt) => rt,
                 Err(e) => {
-                    tracing::error!(error = %e, "control plane: cannot start its runtime");
-                    let _ = ready_tx.send(());
+                    let _ =
+                        ready_tx.send(Err(format!("control plane: cannot start its runtime: {e}")));
                     return;
                 }
             };
+            if let Some(args) = control.discovery.take() {
+                // The kubeconfig ($KUBECONFIG or ~/.kube/config), else the pod's service
+                // account: local files and variables only, so a failure here is a setup
+                // error, reported at start. The API server itself may come later.
+                match rt.block_on(discovery::client_from_env()) {
+                    Ok(client) => {
+                        // P/D mode is not built yet: every discovered pod is a regular worker.
+                        rt.spawn(discovery::run(
+                            args,
+                            client,
+                            false,
+                            control.membership_tx.clone(),
+                        ));
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(format!(
+                            "--service-discovery: no Kubernetes client from $KUBECONFIG, \
+                             ~/.kube/config or the in-cluster service account: {e}"
+                        )));
+                        return;
+                    }
+                }
+            }
             rt.block_on(run(control, ready_tx));
         });
     if let Err(e) = spawned {
@@ -63,7 +89,7 @@ pub fn start(control: Control) -> std::sync::mpsc::Receiver<()> {
     ready_rx
 }
 
-async fn run(mut c: Control, ready: std::sync::mpsc::Sender<()>) {
+async fn run(mut c: Control, ready: std::sync::mpsc::Sender<Result<(), String>>) {
     let client = health::client();
     let started = Instant::now();
     let (results_tx, mut results) =
@@ -80,7 +106,7 @@ async fn run(mut c: Control, ready: std::sync::mpsc::Sender<()>) {
         first_round = Some(due.len());
     }
     if first_round.is_none_or(|n| n == 0) {
-        let _ = ready.send(());
+        let _ = ready.send(Ok(()));
         first_round = None;
     }
     if let Some(every) = c.scrape_every {
@@ -145,7 +171,7 @@ async fn run(mut c: Control, ready: std::sync::mpsc::Sender<()>) {
                     *n = n.saturating_sub(1);
                     if *n == 0 {
                         first_round = None;
-                        let _ = ready.send(());
+                        let _ = ready.send(Ok(()));
                     }
                 }
             }

@@ -128,15 +128,14 @@ impl DiscoveryArgs {
 /// A client for the cluster this process runs in: the kubeconfig (`$KUBECONFIG` or
 /// `~/.kube/config`) if there is one, else the in-cluster service account. Must be called
 /// on a tokio runtime (the client spawns its request buffer there).
-pub async fn client_from_env() -> Result<Client, kube::Error> {
-    let config = kube::Config::infer()
-        .await
-        .map_err(kube::Error::InferConfig)?;
-    Client::try_from(config)
+pub async fn client_from_env() -> Result<Client, String> {
+    let config = kube::Config::infer().await.map_err(|e| e.to_string())?;
+    Client::try_from(config).map_err(|e| e.to_string())
 }
 
-/// A client for an API server at a plain URL, e.g. `http://127.0.0.1:8001` (`kubectl
-/// proxy`, or a stub in tests). Must be called on a tokio runtime.
+/// A client for an API server at a plain URL, e.g. the stub's in tests. Must be called on a
+/// tokio runtime.
+#[cfg(test)]
 pub fn client_for_url(url: &str) -> Result<Client, String> {
     let uri: hyper::Uri = url
         .parse()
