@@ -23,9 +23,18 @@ impl Router {
         Self::start_with(None, args).expect("router starts")
     }
 
+    /// Starts the router with these environment variables set too; `Err` as `start_with`.
+    pub fn start_env(env: &[(&str, &str)], args: &[&str]) -> Result<Router, String> {
+        Self::spawn(None, env, args)
+    }
+
     /// Runs the router behind `wrapper` (e.g. the nouring seccomp wrapper) if given.
     /// `Err` carries the stderr of a router that exited before listening.
     pub fn start_with(wrapper: Option<&str>, args: &[&str]) -> Result<Router, String> {
+        Self::spawn(wrapper, &[], args)
+    }
+
+    fn spawn(wrapper: Option<&str>, env: &[(&str, &str)], args: &[&str]) -> Result<Router, String> {
         let bin = env!("CARGO_BIN_EXE_ringrouter");
         let mut cmd = match wrapper {
             Some(w) => {
@@ -48,6 +57,11 @@ impl Router {
         }
         cmd.args(args)
             .env_remove("RUST_LOG")
+            // Never a real cluster: Kubernetes discovery talks to what a test gives it.
+            .env_remove("KUBECONFIG")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("KUBERNETES_SERVICE_PORT")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn ringrouter");
