@@ -875,6 +875,26 @@ struct Deferred {
     replayed: usize,
 }
 
+/// The worker for a retry: the next in the policy's order; when every worker has had its
+/// turn, a new round in the same order (after a backoff), so a single worker or a fleet
+/// answering 503 for a moment still gets `--retry-max-retries` attempts.
+fn retry_worker<'s>(
+    shard: &Shard,
+    set: &'s WorkerSet,
+    candidates: &mut Candidates,
+    order: &Candidates,
+    deferred: &mut Deferred,
+    backoff: &mut bool,
+) -> Option<(&'s Arc<Worker>, bool)> {
+    if let Some(w) = next_worker(shard, set, candidates, deferred) {
+        return Some(w);
+    }
+    *candidates = order.clone();
+    *deferred = Deferred::default();
+    *backoff = true;
+    next_worker(shard, set, candidates, deferred)
+}
+
 /// The next worker to try: the policy's order, skipping workers whose breaker is open
 /// (half-open ones let one probe through) and deferring those passively marked down.
 fn next_worker<'s>(
@@ -970,6 +990,7 @@ async fn exchange<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     let mut deferred = Deferred::default();
     let mut attempts = 0u32;
     let mut backoff = false;
+    let order = candidates.clone();
     let mut next = next_worker(shard, set, &mut candidates, &mut deferred);
     while let Some((worker, probe)) = next.take() {
         attempts += 1;
@@ -990,8 +1011,15 @@ async fn exchange<W: Future<Output = BufResult<usize, Vec<u8>>>>(
                 Attempt::Head(up, head, asked_load) => {
                     let status = head.status;
                     if is_retryable_status(status) && attempts < retry.max_attempts {
-                        if let Some(other) = next_worker(shard, set, &mut candidates, &mut deferred)
-                        {
+                        backoff = true;
+                        if let Some(other) = retry_worker(
+                            shard,
+                            set,
+                            &mut candidates,
+                            &order,
+                            &mut deferred,
+                            &mut backoff,
+                        ) {
                             if status >= 500 {
                                 outcome.failure();
                             }
@@ -999,7 +1027,6 @@ async fn exchange<W: Future<Output = BufResult<usize, Vec<u8>>>>(
                             last_error = format!("{} answered {status}", worker.url);
                             // Its answer is discarded with the connection.
                             drop(up);
-                            backoff = true;
                             next = Some(other);
                             break;
                         }
@@ -1014,7 +1041,7 @@ async fn exchange<W: Future<Output = BufResult<usize, Vec<u8>>>>(
                         dechunk: false,
                         strip_load_report: asked_load,
                     };
-                    return relay_body(shard, watch, wr, b, set, worker, up, head, how).await;
+                    return relay_body(shard, watch, wr, b, worker, up, head, how).await;
                 }
                 Attempt::Retry { error, same_worker } => {
                     last_error = error;
@@ -1029,7 +1056,14 @@ async fn exchange<W: Future<Output = BufResult<usize, Vec<u8>>>>(
             }
         }
         if next.is_none() && attempts < retry.max_attempts {
-            next = next_worker(shard, set, &mut candidates, &mut deferred);
+            next = retry_worker(
+                shard,
+                set,
+                &mut candidates,
+                &order,
+                &mut deferred,
+                &mut backoff,
+            );
         }
     }
     let e = if attempts == 0 {
@@ -1324,7 +1358,6 @@ async fn relay_body<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     watch: &mut Watch<'_, W>,
     wr: &mut ClientWr,
     b: &mut Buffers,
-    set: &WorkerSet,
     worker: &Arc<Worker>,
     mut up: TcpStream,
     head: ResponseHead,
@@ -1442,7 +1475,9 @@ async fn relay_body<W: Future<Output = BufResult<usize, Vec<u8>>>>(
             b.upbuf.reserve(got * 2);
         }
     }
-    if reusable && set.contains(worker) {
+    // Back to the pool only if the worker is still in the set now (it may have been
+    // removed while this response streamed).
+    if reusable && shard.current_workers().contains(worker) {
         shard.pool.borrow_mut().put(worker.slot, up);
     }
     if b.upbuf.capacity() > KEEP_BETWEEN_REQUESTS {

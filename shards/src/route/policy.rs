@@ -409,6 +409,7 @@ impl Selector {
 
 /// Worker indices in preference order: up to `PREFERRED` picks of the policy, then every
 /// other worker in ring order from `start`.
+#[derive(Clone)]
 pub struct Candidates {
     preferred: [u32; Candidates::PREFERRED],
     npref: usize,
