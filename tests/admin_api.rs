@@ -38,3 +38,84 @@ fn workers_are_listed_added_and_removed_over_http() {
         assert_eq!(resp.header("x-mock-worker"), Some("mock-1"));
     }
 }
+
+fn call(r: &Router, method: &str, path: &str, body: &str) -> Response {
+    let raw = format!(
+        "{method} {path} HTTP/1.1\r\nHost: router\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    exchange(r.addr, raw.as_bytes())
+}
+
+fn encoded(url: &str) -> String {
+    url.replace(':', "%3A").replace('/', "%2F")
+}
+
+#[test]
+fn the_admin_api_answers_in_vllm_routers_shapes() {
+    let m = mocks(2, |_| {});
+    let r = Router::start(&["--worker-urls", &m[0].url()]);
+    let u0 = m[0].url();
+    let u1 = m[1].url();
+
+    // The classic form: plain-text success, JSON errors.
+    let resp = call(&r, "POST", &format!("/add_worker?url={u1}"), "");
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.text(), format!("Successfully added worker: {u1}"));
+    let resp = call(&r, "POST", &format!("/add_worker?url={u1}"), "");
+    assert_eq!(resp.status, 400);
+    assert!(resp.error_message().contains("already exists"));
+    let resp = call(&r, "POST", "/add_worker", "");
+    assert_eq!(resp.status, 400);
+    assert!(resp.error_message().contains("url"));
+    let resp = call(&r, "POST", "/add_worker?url=ftp://nope", "");
+    assert_eq!(resp.status, 400);
+    resp.error_message();
+    let resp = call(&r, "POST", "/remove_worker?url=http://127.0.0.1:1", "");
+    assert_eq!(resp.status, 404);
+    assert!(resp.error_message().contains("not found"));
+
+    let loads = call(&r, "GET", "/get_loads", "").json();
+    let workers = loads["workers"].as_array().unwrap();
+    assert_eq!(workers.len(), 2, "{loads}");
+    assert_eq!(workers[0]["worker"], u0.as_str());
+    assert!(workers[0]["load"].is_u64(), "{loads}");
+
+    // The REST form.
+    let all = call(&r, "GET", "/workers", "").json();
+    assert_eq!(all["total"], 2, "{all}");
+    assert_eq!(all["stats"]["regular_count"], 2);
+    let one = call(&r, "GET", &format!("/workers/{}", encoded(&u1)), "");
+    assert_eq!(one.status, 200);
+    let one = one.json();
+    assert_eq!(one["url"], u1.as_str());
+    assert_eq!(one["worker_type"], "regular");
+    assert_eq!(one["is_healthy"], true);
+    assert_eq!(one["circuit_breaker"], "closed");
+    let resp = call(&r, "DELETE", &format!("/workers/{}", encoded(&u1)), "");
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.json()["success"], true);
+    let resp = call(&r, "GET", &format!("/workers/{}", encoded(&u1)), "");
+    assert_eq!(resp.status, 404);
+    resp.error_message();
+    let resp = call(&r, "POST", "/workers", &format!(r#"{{"url":"{u1}"}}"#));
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.json()["success"], true);
+    let resp = call(&r, "POST", "/workers", "{not json");
+    assert_eq!(resp.status, 400);
+    resp.error_message();
+    let resp = call(
+        &r,
+        "POST",
+        "/workers",
+        &format!(r#"{{"url":"{u0}x","worker_type":"gpu"}}"#),
+    );
+    assert_eq!(resp.status, 400);
+    assert!(resp.error_message().contains("worker_type"));
+    let resp = call(&r, "PUT", "/list_workers", "");
+    assert_eq!(resp.status, 405);
+    resp.error_message();
+    let listed = call(&r, "GET", "/list_workers", "").json();
+    assert_eq!(listed["urls"], serde_json::json!([u0, u1]));
+}
