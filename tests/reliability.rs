@@ -322,6 +322,33 @@ fn a_half_open_worker_gets_one_probe_not_a_flood() {
     assert_eq!(m[0].stats().injected_errors, before + 1);
 }
 
+#[test]
+fn with_every_breaker_open_requests_still_go_to_the_workers() {
+    let m = mocks(2, |c| c.fail_rate = 1.0);
+    let r = Router::start(&[
+        "--worker-urls",
+        &m[0].url(),
+        &m[1].url(),
+        "--retry-initial-backoff-ms",
+        "1",
+        "--cb-failure-threshold",
+        "2",
+        "--cb-timeout-duration-secs",
+        "60",
+    ]);
+    for _ in 0..4 {
+        assert_eq!(completion(&r).status, 500);
+    }
+    let v = exchange(r.addr, &get("/workers")).json();
+    assert_eq!(v["workers"][0]["circuit_breaker"], "open", "{v}");
+    assert_eq!(v["workers"][1]["circuit_breaker"], "open", "{v}");
+    // The burst is over; the breakers would keep the fleet dark for a minute.
+    m[0].set_fail_rate(0.0);
+    m[1].set_fail_rate(0.0);
+    assert_eq!(completion(&r).status, 200);
+    assert!(r.log_contains("routing to them anyway"), "{}", r.log());
+}
+
 // ---- failures mid-run and mid-stream ----------------------------------------------------
 
 #[test]

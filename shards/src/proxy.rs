@@ -63,6 +63,8 @@ pub struct Shard {
     pub upstream_auth: Option<Vec<u8>>,
     /// The process is draining (see `DataPlane::start_draining`).
     pub draining: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Every worker's breaker was open at the last request: routing ignores them.
+    pub panic_routing: std::cell::Cell<bool>,
 }
 
 impl Shard {
@@ -992,6 +994,24 @@ async fn exchange<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     let mut backoff = false;
     let order = candidates.clone();
     let mut next = next_worker(shard, set, &mut candidates, &mut deferred);
+    if next.is_none() && !set.is_empty() {
+        // Every breaker open. As Envoy does below its panic threshold, route as if none
+        // were: a fleet whose breakers all tripped on a burst of bad requests (or on
+        // workers since restarted) keeps serving instead of answering 503 for a minute.
+        if !shard.panic_routing.replace(true) {
+            tracing::warn!(
+                shard = shard.id,
+                "every worker's circuit breaker is open: routing to them anyway"
+            );
+        }
+        next = order.clone().next().map(|p| (set.get(p), false));
+    } else if next.is_some() && shard.panic_routing.get() {
+        shard.panic_routing.set(false);
+        tracing::info!(
+            shard = shard.id,
+            "a circuit breaker closed: normal routing again"
+        );
+    }
     while let Some((worker, probe)) = next.take() {
         attempts += 1;
         let mut outcome = Outcome::new(shard, worker, probe);
@@ -1044,10 +1064,12 @@ async fn exchange<W: Future<Output = BufResult<usize, Vec<u8>>>>(
                     return relay_body(shard, watch, wr, b, worker, up, head, how).await;
                 }
                 Attempt::Retry { error, same_worker } => {
-                    last_error = error;
                     if same_worker {
+                        // A pooled connection the worker had closed: a fresh one, same worker.
                         continue;
                     }
+                    tracing::debug!(worker = %worker.url, %error, "retrying on another worker");
+                    last_error = error;
                     outcome.failure();
                     backoff = false;
                     break;
@@ -1067,10 +1089,7 @@ async fn exchange<W: Future<Output = BufResult<usize, Vec<u8>>>>(
         }
     }
     let e = if attempts == 0 {
-        ApiError::new(
-            503,
-            "no worker is available: every worker's circuit breaker is open",
-        )
+        ApiError::new(503, "no worker is available")
     } else {
         ApiError::new(
             502,

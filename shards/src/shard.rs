@@ -239,6 +239,7 @@ fn run_shard(
             )),
             ids: crate::proxy::RequestIds::new(id),
             draining: draining.clone(),
+            panic_routing: std::cell::Cell::new(false),
             asks_for_load: cfg.policy.policy.uses_load(),
             upstream_auth: cfg
                 .worker_api_key

@@ -170,7 +170,13 @@ impl Registry {
                 }
             }
         }
-        (e.health != before).then_some(e.health)
+        let (now, slot) = (e.health, e.worker.slot);
+        if before == Health::Unhealthy && now == Health::Healthy {
+            // Back after failing its checks (typically restarted): what its breaker counted
+            // was about the process that died.
+            self.breakers.reset(slot);
+        }
+        (now != before).then_some(now)
     }
 
     /// Publishes the routable workers (healthy ones) as a new epoch.
@@ -253,6 +259,25 @@ mod tests {
         assert_eq!(r.record_check(u, Err("x".into())), Some(Health::Unhealthy));
         assert_eq!(r.record_check(u, Ok(())), None, "needs two successes");
         assert_eq!(r.record_check(u, Ok(())), Some(Health::Healthy));
+    }
+
+    #[test]
+    fn a_worker_back_from_unhealthy_starts_with_a_closed_breaker() {
+        let mut r = registry(true);
+        let u = "http://127.0.0.1:9001";
+        let slot = r.add(u, Role::Regular).unwrap().worker.slot;
+        r.record_check(u, Ok(()));
+        for _ in 0..10 {
+            r.breakers.failure(slot, false, u);
+        }
+        assert_eq!(r.breakers.state(slot).name(), "open");
+        for _ in 0..3 {
+            r.record_check(u, Err("refused".into()));
+        }
+        assert_eq!(r.breakers.state(slot).name(), "open", "unhealthy keeps it");
+        r.record_check(u, Ok(()));
+        r.record_check(u, Ok(()));
+        assert_eq!(r.breakers.state(slot).name(), "closed");
     }
 
     #[test]
