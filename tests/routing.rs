@@ -216,7 +216,26 @@ fn scraped_queue_depth_breaks_power_of_two_ties() {
     {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
+    // One keep-alive connection: each request is routed after the previous one left the
+    // in-flight count (which ranks before the scraped queue). A scrape can time out on a
+    // loaded machine; wait for the first answer to count.
+    let mut s = r.connect();
+    let mut pending = Vec::new();
+    let mut served_on_conn = |body: &[u8]| {
+        use std::io::Write;
+        s.write_all(body).unwrap();
+        let resp = read_response_from(&mut s, &mut pending, false).unwrap();
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        resp.header("x-mock-worker").unwrap().to_string()
+    };
+    while served_on_conn(&completion("first")) != "idle" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the scraped depth never counted"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     for i in 0..20 {
-        assert_eq!(served_by(&r, &completion(&format!("{i}"))), "idle");
+        assert_eq!(served_on_conn(&completion(&format!("{i}"))), "idle");
     }
 }
