@@ -3,10 +3,13 @@
 //! Values the router does not read are skipped with full validation, never materialised.
 //! Duplicate keys are allowed and the last one wins, as in vLLM (pydantic).
 //!
-//! sonic-rs skips (validates) values by recursion without a depth limit, so a body of a few
-//! hundred kilobytes of `[` would overflow a shard's stack and abort the whole process.
-//! [`check_nesting`] bounds the depth first ([`crate::nesting`]); every sonic-rs pass over
-//! a client's or a worker's JSON must be preceded by it.
+//! sonic-rs's validation of the values it skips has two gaps, so every sonic-rs pass over a
+//! client's or a worker's JSON must be preceded by two checks:
+//! - it recurses without a depth limit, so a body of a few hundred kilobytes of `[` would
+//!   overflow a shard's stack and abort the whole process: [`check_nesting`] bounds the
+//!   depth first ([`crate::nesting`]);
+//! - it takes `\u` and any four bytes as an escape (`"\u00,"` passes, the quote eaten as a
+//!   hex digit), so invalid JSON would be forwarded as if valid: [`invalid_unicode_escape`].
 
 use std::fmt;
 
@@ -69,6 +72,11 @@ pub fn parse_fields(body: &[u8]) -> Result<RequestFields<'_>, BodyError> {
         )));
     }
     check_nesting(body)?;
+    if let Some(at) = invalid_unicode_escape(body) {
+        return Err(BodyError(format!(
+            "request body is not valid JSON: invalid \\u escape at byte {at}"
+        )));
+    }
     sonic_rs::from_slice::<FieldsSeed>(body)
         .map(|f| f.0)
         .map_err(|e| {
@@ -92,6 +100,24 @@ pub fn check_nesting(json: &[u8]) -> Result<(), BodyError> {
         )));
     }
     Ok(())
+}
+
+/// Where the first `\u` escape not followed by four hex digits begins, if any. A `\u`
+/// after an odd run of backslashes is an escaped backslash and a `u`, not an escape.
+/// Backslashes outside strings make the text invalid anyway, so the check needs no notion
+/// of strings: on valid JSON it finds nothing, and what it finds is invalid JSON.
+pub fn invalid_unicode_escape(json: &[u8]) -> Option<usize> {
+    for at in memchr::memmem::find_iter(json, br"\u") {
+        let run = json[..at].iter().rev().take_while(|&&c| c == b'\\').count();
+        if run % 2 == 1 {
+            continue;
+        }
+        match json.get(at + 2..at + 6) {
+            Some(hex) if hex.iter().all(u8::is_ascii_hexdigit) => {}
+            _ => return Some(at),
+        }
+    }
+    None
 }
 
 struct FieldsSeed<'a>(RequestFields<'a>);
@@ -192,6 +218,39 @@ mod tests {
         let deep_text = format!("\"{}\"", "[{".repeat(300));
         let body = format!(r#"{{"messages":{wide},"prompt":{deep_text}}}"#);
         assert!(parse_fields(body.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn a_unicode_escape_needs_four_hex_digits_even_in_skipped_values() {
+        // Found by fuzz/pd_splice: sonic-rs's skip took `\u` and any four bytes as an
+        // escape, a quote among them, so a string could run on past its end; the first
+        // three were accepted.
+        for bad in [
+            &br#"{"other":{"k\u00,"b":1}}"#[..],
+            br#"{"other":["\u0",""]}"#,
+            br#"{"messages":[{"content":"\uzzzz"}]}"#,
+            br#"{"other":"\\\u12"}"#,
+            br#"{"other":"\u"}"#,
+        ] {
+            let err = parse_fields(bad)
+                .err()
+                .unwrap_or_else(|| panic!("accepted {}", String::from_utf8_lossy(bad)));
+            assert!(err.0.contains("invalid \\u escape"), "{}", err.0);
+        }
+        for good in [
+            &br#"{"other":"\u00e9\uD83D\uDE00 \\u00,"}"#[..],
+            br#"{"other":"\\\\uzz \\\u0041"}"#,
+            br#"{"other":"\\","u":"\u0000"}"#,
+        ] {
+            assert!(
+                parse_fields(good).is_ok(),
+                "{}",
+                String::from_utf8_lossy(good)
+            );
+        }
+        assert_eq!(invalid_unicode_escape(br#""a\\\u12G4""#), Some(4));
+        assert_eq!(invalid_unicode_escape(br#""\\u12G4\u12""#), Some(8));
+        assert_eq!(invalid_unicode_escape(b""), None);
     }
 
     #[test]

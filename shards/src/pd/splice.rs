@@ -214,6 +214,11 @@ impl<'a> ObjectIndex<'a> {
         }
         // Before sonic-rs recurses into values.
         crate::body::check_nesting(body).map_err(|_| SpliceError::TooDeep)?;
+        if let Some(at) = crate::body::invalid_unicode_escape(body) {
+            return Err(SpliceError::NotJson(format!(
+                "invalid \\u escape at byte {at}"
+            )));
+        }
         let base = body.as_ptr() as usize;
         let mut members = Vec::with_capacity(16);
         let mut last = [None; EDITED_KEYS];
@@ -604,6 +609,34 @@ mod tests {
             assert!(decode_leg(bad, KvTransferParams::NIXL_PREFILL).is_err());
         }
         assert!(KvTransferParams::new(b"[]").is_err());
+    }
+
+    #[test]
+    fn a_unicode_escape_needs_four_hex_digits() {
+        // Found by fuzz/pd_splice: sonic-rs's skip took `\u00,"` as an escape (its quote
+        // eaten as a hex digit), so this prefill answer was accepted and its invalid
+        // kv_transfer_params would have been copied into the decode leg.
+        let answer = b"{\"i\":[{\"text\":\"x\"}]\n,\"kv_transfer_params\":{\"do_remote_pref\":null,\"str\\u00,\"remote_port\":5600}}";
+        assert_eq!(
+            KvTransferParams::from_prefill_response(answer),
+            Err(SpliceError::NotJson("invalid \\u escape at byte 69".into()))
+        );
+        for bad in [
+            &br#"{"prompt":["\u0",""],"max_tokens":1}"#[..],
+            br#"{"prompt":"\u12"}"#,
+            br#"{"messages":[{"content":"\uGGGG"}]}"#,
+        ] {
+            assert!(
+                matches!(
+                    prefill_leg(bad, KvTransferParams::NIXL_PREFILL),
+                    Err(SpliceError::NotJson(_))
+                ),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let escaped_backslash = br#"{"prompt":"\\u00,","stream":true}"#;
+        assert!(prefill_leg(escaped_backslash, KvTransferParams::NIXL_PREFILL).is_ok());
     }
 
     #[test]
