@@ -139,6 +139,8 @@ impl<'de> Visitor<'de> for FieldsVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut fields = RequestFields::default();
+        // Judged after the last duplicate, which is the one vLLM reads.
+        let mut stream_is_bool = true;
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
             match key.as_ref() {
                 "model" => fields.model = Some(map.next_value::<LazyValue<'de>>()?),
@@ -153,15 +155,20 @@ impl<'de> Visitor<'de> for FieldsVisitor {
                 "input" => fields.input = Some(map.next_value::<LazyValue<'de>>()?),
                 "text" => fields.text = Some(map.next_value::<LazyValue<'de>>()?),
                 "stream" => {
-                    fields.stream = match map.next_value::<Option<bool>>() {
-                        Ok(v) => v.unwrap_or(false),
-                        Err(_) => return Err(de::Error::custom("'stream' must be a boolean")),
-                    }
+                    let raw = map.next_value::<LazyValue<'de>>()?;
+                    (fields.stream, stream_is_bool) = match raw.as_raw_str() {
+                        "true" => (true, true),
+                        "false" | "null" => (false, true),
+                        _ => (false, false),
+                    };
                 }
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                 }
             }
+        }
+        if !stream_is_bool {
+            return Err(de::Error::custom("'stream' must be a boolean"));
         }
         Ok(FieldsSeed(fields))
     }
@@ -182,6 +189,16 @@ mod tests {
     #[test]
     fn last_duplicate_wins() {
         let f = parse_fields(br#"{"stream":true,"stream":false}"#).unwrap();
+        assert!(!f.stream);
+        // Found by fuzz/body_fields: an earlier `stream` that is not a boolean was refused,
+        // though vLLM reads only the last one.
+        let f = parse_fields(br#"{"stream":"m","prompt":"p","stream":true}"#).unwrap();
+        assert!(f.stream);
+        let err = parse_fields(br#"{"stream":true,"stream":1}"#)
+            .err()
+            .unwrap();
+        assert!(err.0.contains("'stream' must be a boolean"), "{}", err.0);
+        let f = parse_fields(br#"{"stream":true,"stream":null}"#).unwrap();
         assert!(!f.stream);
     }
 
