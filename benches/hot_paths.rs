@@ -1,14 +1,16 @@
 //! Micro-benchmarks of the functions every request goes through: request head parsing,
 //! body field extraction and routing text at 1 KB / 64 KB / 512 KB, prefix hashing, the
-//! prefix index and hash ring lookups, and the chunked/SSE relay scan.
+//! prefix index and hash ring lookups, the chunked/SSE relay scan, and the P/D body splice
+//! (against a serde_json parse-edit-serialise of the same body).
 //! Run: `cargo bench --bench hot_paths` (numbers in perf/README.md).
 
 use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use shards::body::parse_fields;
+use shards::body::{check_nesting, parse_fields};
 use shards::http::{ChunkedDecoder, RequestHead};
+use shards::pd::splice::{KvTransferParams, ObjectIndex};
 use shards::route::key::routing_text;
 use shards::route::prefix::{block_hashes, PrefixIndex};
 use shards::route::ring::HashRing;
@@ -25,6 +27,20 @@ fn chat_body(bytes: usize) -> Vec<u8> {
     )
     .into_bytes()
 }
+
+/// A long agent conversation: many small messages, so more brackets than the nesting
+/// check's fast path admits.
+fn many_messages_body(bytes: usize) -> Vec<u8> {
+    let msg = r#"{"role":"user","content":"The quick brown fox [jumps] {over} the lazy dog."},"#;
+    let n = bytes / msg.len() + 1;
+    format!(
+        r#"{{"model":"m","messages":[{}{{"role":"user","content":"end"}}],"stream":true}}"#,
+        msg.repeat(n)
+    )
+    .into_bytes()
+}
+
+const PREFILL_ANSWER: &[u8] = br#"{"id":"cmpl-1","object":"text_completion","created":1,"model":"m","choices":[{"index":0,"text":" the","logprobs":null,"finish_reason":"length","stop_reason":null}],"usage":{"prompt_tokens":5,"total_tokens":6,"completion_tokens":1},"kv_transfer_params":{"do_remote_prefill":true,"do_remote_decode":false,"remote_block_ids":[1,2,3,4,5,6,7,8],"remote_engine_id":"4f1c2d3e-0000-4000-8000-000000000001","remote_request_id":"cmpl-x-0","remote_host":"10.0.0.7","remote_port":5600,"tp_size":1}}"#;
 
 fn sse_stream(events: usize) -> Vec<u8> {
     let mut wire = Vec::new();
@@ -68,6 +84,90 @@ fn body_fields(c: &mut Criterion) {
                     let mut segs = Vec::new();
                     routing_text(&f, &mut segs);
                     black_box(segs.len())
+                })
+            },
+        );
+    }
+    g.finish();
+}
+
+fn nesting(c: &mut Criterion) {
+    let mut g = c.benchmark_group("nesting_check");
+    for size in [64 << 10, 512 << 10] {
+        let body = chat_body(size);
+        g.throughput(Throughput::Bytes(body.len() as u64));
+        g.bench_with_input(BenchmarkId::new("prompt", size), &body, |b, body| {
+            b.iter(|| check_nesting(black_box(body)).unwrap())
+        });
+        let body = many_messages_body(size);
+        g.throughput(Throughput::Bytes(body.len() as u64));
+        g.bench_with_input(BenchmarkId::new("many_messages", size), &body, |b, body| {
+            b.iter(|| check_nesting(black_box(body)).unwrap())
+        });
+    }
+    g.finish();
+}
+
+fn pd_splice(c: &mut Criterion) {
+    let mut g = c.benchmark_group("pd_splice");
+    let kv = KvTransferParams::from_prefill_response(PREFILL_ANSWER)
+        .unwrap()
+        .unwrap();
+    for size in [1 << 10, 64 << 10, 512 << 10] {
+        let body = chat_body(size);
+        g.throughput(Throughput::Bytes(body.len() as u64));
+        let mut out = Vec::with_capacity(body.len() + 512);
+        g.bench_with_input(BenchmarkId::new("prefill_leg", size), &body, |b, body| {
+            b.iter(|| {
+                out.clear();
+                let index = ObjectIndex::parse(black_box(body)).unwrap();
+                index.prefill_leg(KvTransferParams::NIXL_PREFILL, &mut out);
+                black_box(out.len())
+            })
+        });
+        g.bench_with_input(BenchmarkId::new("decode_leg", size), &body, |b, body| {
+            b.iter(|| {
+                out.clear();
+                let index = ObjectIndex::parse(black_box(body)).unwrap();
+                index.decode_leg(kv, &mut out);
+                black_box(out.len())
+            })
+        });
+        // What the P/D path does per request: the answer's params, then both legs from one
+        // index of the client's body.
+        let mut out2 = Vec::with_capacity(body.len() + 512);
+        g.bench_with_input(BenchmarkId::new("both_legs", size), &body, |b, body| {
+            b.iter(|| {
+                out.clear();
+                out2.clear();
+                let index = ObjectIndex::parse(black_box(body)).unwrap();
+                index.prefill_leg(KvTransferParams::NIXL_PREFILL, &mut out);
+                let kv = KvTransferParams::from_prefill_response(black_box(PREFILL_ANSWER))
+                    .unwrap()
+                    .unwrap();
+                index.decode_leg(kv, &mut out2);
+                black_box(out.len() + out2.len())
+            })
+        });
+        // The alternative: parse into a tree, edit, serialise (vllm-router's way).
+        g.bench_with_input(
+            BenchmarkId::new("serde_json_prefill_leg", size),
+            &body,
+            |b, body| {
+                b.iter(|| {
+                    let mut v: serde_json::Value = serde_json::from_slice(black_box(body)).unwrap();
+                    let o = v.as_object_mut().unwrap();
+                    o.insert("max_tokens".into(), 1.into());
+                    if o.contains_key("max_completion_tokens") {
+                        o.insert("max_completion_tokens".into(), 1.into());
+                    }
+                    o.insert("stream".into(), false.into());
+                    o.remove("stream_options");
+                    o.insert(
+                        "kv_transfer_params".into(),
+                        serde_json::from_slice(KvTransferParams::NIXL_PREFILL.as_bytes()).unwrap(),
+                    );
+                    black_box(serde_json::to_vec(&v).unwrap().len())
                 })
             },
         );
@@ -126,5 +226,14 @@ fn relay_scan(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, request_head, body_fields, prefix, ring, relay_scan);
+criterion_group!(
+    benches,
+    request_head,
+    body_fields,
+    nesting,
+    pd_splice,
+    prefix,
+    ring,
+    relay_scan
+);
 criterion_main!(benches);

@@ -2,6 +2,14 @@
 //! sonic-rs: the body must be a JSON object (400 otherwise, before any worker sees it).
 //! Values the router does not read are skipped with full validation, never materialised.
 //! Duplicate keys are allowed and the last one wins, as in vLLM (pydantic).
+//!
+//! sonic-rs's validation of the values it skips has two gaps, so every sonic-rs pass over a
+//! client's or a worker's JSON must be preceded by two checks:
+//! - it recurses without a depth limit, so a body of a few hundred kilobytes of `[` would
+//!   overflow a shard's stack and abort the whole process: [`check_nesting`] bounds the
+//!   depth first ([`crate::nesting`]);
+//! - it takes `\u` and any four bytes as an escape (`"\u00,"` passes, the quote eaten as a
+//!   hex digit), so invalid JSON would be forwarded as if valid: [`invalid_unicode_escape`].
 
 use std::fmt;
 
@@ -63,6 +71,12 @@ pub fn parse_fields(body: &[u8]) -> Result<RequestFields<'_>, BodyError> {
             "request body is not valid UTF-8 (at byte {at})"
         )));
     }
+    check_nesting(body)?;
+    if let Some(at) = invalid_unicode_escape(body) {
+        return Err(BodyError(format!(
+            "request body is not valid JSON: invalid \\u escape at byte {at}"
+        )));
+    }
     sonic_rs::from_slice::<FieldsSeed>(body)
         .map(|f| f.0)
         .map_err(|e| {
@@ -71,6 +85,39 @@ pub fn parse_fields(body: &[u8]) -> Result<RequestFields<'_>, BodyError> {
             let first = msg.lines().next().unwrap_or("").trim_end();
             BodyError(format!("request body is not valid JSON: {first}"))
         })
+}
+
+/// Deepest nesting of arrays and objects accepted (the top-level object counts as 1);
+/// serde_json's limit, well below Python's recursion limit, far above any real request.
+pub const MAX_NESTING: usize = 128;
+
+/// Refuses JSON text whose arrays and objects nest deeper than [`MAX_NESTING`] (brackets
+/// inside strings do not count). Other errors are left to the parser.
+pub fn check_nesting(json: &[u8]) -> Result<(), BodyError> {
+    if crate::nesting::exceeds(json, MAX_NESTING) {
+        return Err(BodyError(format!(
+            "JSON nests arrays and objects deeper than {MAX_NESTING} levels"
+        )));
+    }
+    Ok(())
+}
+
+/// Where the first `\u` escape not followed by four hex digits begins, if any. A `\u`
+/// after an odd run of backslashes is an escaped backslash and a `u`, not an escape.
+/// Backslashes outside strings make the text invalid anyway, so the check needs no notion
+/// of strings: on valid JSON it finds nothing, and what it finds is invalid JSON.
+pub fn invalid_unicode_escape(json: &[u8]) -> Option<usize> {
+    for at in memchr::memmem::find_iter(json, br"\u") {
+        let run = json[..at].iter().rev().take_while(|&&c| c == b'\\').count();
+        if run % 2 == 1 {
+            continue;
+        }
+        match json.get(at + 2..at + 6) {
+            Some(hex) if hex.iter().all(u8::is_ascii_hexdigit) => {}
+            _ => return Some(at),
+        }
+    }
+    None
 }
 
 struct FieldsSeed<'a>(RequestFields<'a>);
@@ -92,6 +139,8 @@ impl<'de> Visitor<'de> for FieldsVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut fields = RequestFields::default();
+        // Judged after the last duplicate, which is the one vLLM reads.
+        let mut stream_is_bool = true;
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
             match key.as_ref() {
                 "model" => fields.model = Some(map.next_value::<LazyValue<'de>>()?),
@@ -106,15 +155,20 @@ impl<'de> Visitor<'de> for FieldsVisitor {
                 "input" => fields.input = Some(map.next_value::<LazyValue<'de>>()?),
                 "text" => fields.text = Some(map.next_value::<LazyValue<'de>>()?),
                 "stream" => {
-                    fields.stream = match map.next_value::<Option<bool>>() {
-                        Ok(v) => v.unwrap_or(false),
-                        Err(_) => return Err(de::Error::custom("'stream' must be a boolean")),
-                    }
+                    let raw = map.next_value::<LazyValue<'de>>()?;
+                    (fields.stream, stream_is_bool) = match raw.as_raw_str() {
+                        "true" => (true, true),
+                        "false" | "null" => (false, true),
+                        _ => (false, false),
+                    };
                 }
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                 }
             }
+        }
+        if !stream_is_bool {
+            return Err(de::Error::custom("'stream' must be a boolean"));
         }
         Ok(FieldsSeed(fields))
     }
@@ -136,11 +190,84 @@ mod tests {
     fn last_duplicate_wins() {
         let f = parse_fields(br#"{"stream":true,"stream":false}"#).unwrap();
         assert!(!f.stream);
+        // Found by fuzz/body_fields: an earlier `stream` that is not a boolean was refused,
+        // though vLLM reads only the last one.
+        let f = parse_fields(br#"{"stream":"m","prompt":"p","stream":true}"#).unwrap();
+        assert!(f.stream);
+        let err = parse_fields(br#"{"stream":true,"stream":1}"#)
+            .err()
+            .unwrap();
+        assert!(err.0.contains("'stream' must be a boolean"), "{}", err.0);
+        let f = parse_fields(br#"{"stream":true,"stream":null}"#).unwrap();
+        assert!(!f.stream);
     }
 
     #[test]
     fn null_stream_is_false() {
         assert!(!parse_fields(br#"{"stream":null}"#).unwrap().stream);
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_not_a_stack_overflow() {
+        // sonic-rs validates skipped values by unbounded recursion: before this check a
+        // 200 KB prompt of `[` aborted the whole router with a stack overflow.
+        for key in ["prompt", "messages", "other"] {
+            for depth in [MAX_NESTING, 100_000] {
+                let body = format!("{{\"{key}\":{}{}}}", "[".repeat(depth), "]".repeat(depth));
+                let err = parse_fields(body.as_bytes()).err().unwrap();
+                assert_eq!(
+                    err.0,
+                    "JSON nests arrays and objects deeper than 128 levels"
+                );
+            }
+            let body = format!(
+                "{{\"{key}\":{}{}}}",
+                "[".repeat(MAX_NESTING - 1),
+                "]".repeat(MAX_NESTING - 1)
+            );
+            assert!(parse_fields(body.as_bytes()).is_ok());
+        }
+    }
+
+    #[test]
+    fn many_shallow_brackets_and_brackets_in_strings_are_fine() {
+        let wide = format!("[{}1]", "{},[],".repeat(1000));
+        let deep_text = format!("\"{}\"", "[{".repeat(300));
+        let body = format!(r#"{{"messages":{wide},"prompt":{deep_text}}}"#);
+        assert!(parse_fields(body.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn a_unicode_escape_needs_four_hex_digits_even_in_skipped_values() {
+        // Found by fuzz/pd_splice: sonic-rs's skip took `\u` and any four bytes as an
+        // escape, a quote among them, so a string could run on past its end; the first
+        // three were accepted.
+        for bad in [
+            &br#"{"other":{"k\u00,"b":1}}"#[..],
+            br#"{"other":["\u0",""]}"#,
+            br#"{"messages":[{"content":"\uzzzz"}]}"#,
+            br#"{"other":"\\\u12"}"#,
+            br#"{"other":"\u"}"#,
+        ] {
+            let err = parse_fields(bad)
+                .err()
+                .unwrap_or_else(|| panic!("accepted {}", String::from_utf8_lossy(bad)));
+            assert!(err.0.contains("invalid \\u escape"), "{}", err.0);
+        }
+        for good in [
+            &br#"{"other":"\u00e9\uD83D\uDE00 \\u00,"}"#[..],
+            br#"{"other":"\\\\uzz \\\u0041"}"#,
+            br#"{"other":"\\","u":"\u0000"}"#,
+        ] {
+            assert!(
+                parse_fields(good).is_ok(),
+                "{}",
+                String::from_utf8_lossy(good)
+            );
+        }
+        assert_eq!(invalid_unicode_escape(br#""a\\\u12G4""#), Some(4));
+        assert_eq!(invalid_unicode_escape(br#""\\u12G4\u12""#), Some(8));
+        assert_eq!(invalid_unicode_escape(b""), None);
     }
 
     #[test]

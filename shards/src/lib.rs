@@ -8,9 +8,11 @@
 //! - [`shard`]: the per-core runtime, the io driver choice, the accept loop.
 //! - [`http`]: the server side of HTTP/1.1: request heads, bodies, limits, error answers.
 //! - [`body`]: the fields of an OpenAI request body the router looks at.
+//! - [`nesting`]: how deep JSON nests, checked before any parser recurses into it.
 //! - [`route`]: the worker set and the policies that pick a worker.
 //! - [`upstream`]: the client side: keep-alive pools, the upstream request, the response relay.
 //! - [`proxy`]: one client connection's life, as named phases.
+//! - [`pd`]: prefill/decode disaggregation: the two legs' request bodies.
 //! - [`retry`], [`breaker`], [`admission`]: which failures are retried and when, which
 //!   workers are avoided after failing, how many requests may be in flight.
 //! - [`sync`]: what crosses threads (worker-set epochs, the load board, prefix inserts).
@@ -22,6 +24,8 @@ pub mod body;
 pub mod breaker;
 pub mod config;
 pub mod http;
+pub mod nesting;
+pub mod pd;
 pub mod proxy;
 pub mod retry;
 pub mod route;
