@@ -156,10 +156,9 @@ impl<'de> Visitor<'de> for FieldsVisitor {
                 "text" => fields.text = Some(map.next_value::<LazyValue<'de>>()?),
                 "stream" => {
                     let raw = map.next_value::<LazyValue<'de>>()?;
-                    (fields.stream, stream_is_bool) = match raw.as_raw_str() {
-                        "true" => (true, true),
-                        "false" | "null" => (false, true),
-                        _ => (false, false),
+                    (fields.stream, stream_is_bool) = match lax_bool(raw.as_raw_str()) {
+                        Some(b) => (b, true),
+                        None => (false, false),
                     };
                 }
                 _ => {
@@ -171,6 +170,34 @@ impl<'de> Visitor<'de> for FieldsVisitor {
             return Err(de::Error::custom("'stream' must be a boolean"));
         }
         Ok(FieldsSeed(fields))
+    }
+}
+
+/// A JSON value as vLLM's request models (pydantic, lax mode) read an optional bool:
+/// `null`, booleans, the numbers 0 and 1, and the strings pydantic knows, in any case.
+fn lax_bool(raw: &str) -> Option<bool> {
+    match raw {
+        "true" => return Some(true),
+        "false" | "null" => return Some(false),
+        _ => {}
+    }
+    if raw.starts_with('"') {
+        let s: String = if raw.contains('\\') {
+            sonic_rs::from_str(raw).ok()?
+        } else {
+            raw[1..raw.len() - 1].to_string()
+        };
+        let s = s.to_ascii_lowercase();
+        return match s.as_str() {
+            "1" | "on" | "t" | "true" | "y" | "yes" => Some(true),
+            "0" | "off" | "f" | "false" | "n" | "no" => Some(false),
+            _ => None,
+        };
+    }
+    match raw.parse::<f64>() {
+        Ok(v) if v == 1.0 => Some(true),
+        Ok(v) if v == 0.0 => Some(false),
+        _ => None,
     }
 }
 
@@ -194,12 +221,30 @@ mod tests {
         // though vLLM reads only the last one.
         let f = parse_fields(br#"{"stream":"m","prompt":"p","stream":true}"#).unwrap();
         assert!(f.stream);
-        let err = parse_fields(br#"{"stream":true,"stream":1}"#)
+        let err = parse_fields(br#"{"stream":true,"stream":2}"#)
             .err()
             .unwrap();
         assert!(err.0.contains("'stream' must be a boolean"), "{}", err.0);
         let f = parse_fields(br#"{"stream":true,"stream":null}"#).unwrap();
         assert!(!f.stream);
+    }
+
+    #[test]
+    fn stream_is_read_as_vllms_pydantic_models_read_a_bool() {
+        for (raw, want) in [
+            ("1", true),
+            ("0", false),
+            ("1.0", true),
+            ("\"yes\"", true),
+            ("\"TRUE\"", true),
+            ("\"on\"", true),
+            ("\"f\"", false),
+            ("\"No\"", false),
+            ("\"\\u0079es\"", true),
+        ] {
+            let body = format!(r#"{{"prompt":"p","stream":{raw}}}"#);
+            assert_eq!(parse_fields(body.as_bytes()).unwrap().stream, want, "{raw}");
+        }
     }
 
     #[test]
@@ -280,7 +325,9 @@ mod tests {
             b"\"str\"",
             b"{} trailing",
             b"",
-            b"{\"stream\": \"yes\"}",
+            b"{\"stream\": \"maybe\"}",
+            b"{\"stream\": 2}",
+            b"{\"stream\": [true]}",
             b"{\"prompt\": \"\xff\"}",
         ] {
             assert!(
