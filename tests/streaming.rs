@@ -388,6 +388,7 @@ fn a_worker_that_refuses_connections_is_routed_around() {
         "--policy",
         "round_robin",
     ]);
+    let started = std::time::Instant::now();
     for _ in 0..30 {
         let resp = exchange(
             r.addr,
@@ -395,14 +396,16 @@ fn a_worker_that_refuses_connections_is_routed_around() {
         );
         assert_eq!(resp.status, 200);
     }
-    // Refused once, then left alone for its down period: one warning, not one per request.
+    // Refused once, then left alone for its 5 s down period: one warning per period, not
+    // one per request (30 requests take well under 5 s unless the machine is crawling).
+    let periods = 1 + started.elapsed().as_secs() as usize / 5;
     assert!(r.log_contains("worker refused a connection"), "{}", r.log());
     std::thread::sleep(Duration::from_millis(100));
     let log = r.log();
-    assert_eq!(
-        log.matches("worker refused a connection").count(),
-        1,
-        "{log}"
+    let warnings = log.matches("worker refused a connection").count();
+    assert!(
+        (1..=periods).contains(&warnings),
+        "{periods} periods: {log}"
     );
     // Both live workers share the load.
     let served: Vec<u64> = m.iter().map(|m| m.stats().requests).collect();
