@@ -195,8 +195,8 @@ fn lax_bool(raw: &str) -> Option<bool> {
         };
     }
     match raw.parse::<f64>() {
-        Ok(v) if v == 1.0 => Some(true),
-        Ok(v) if v == 0.0 => Some(false),
+        Ok(1.0) => Some(true),
+        Ok(0.0) => Some(false),
         _ => None,
     }
 }
