@@ -217,7 +217,17 @@ fn run_shard(
         };
         let _ = ready.send(Ok((info, addr)));
         let workers = shared.directory.current();
-        let local = crate::route::WorkerSet::new(workers.epoch, workers.iter().cloned().collect());
+        let all = crate::route::WorkerSet::new(workers.epoch, workers.iter().cloned().collect());
+        // In P/D mode, `workers` and `selector` are the decode workers'.
+        let pd = cfg
+            .pd
+            .clone()
+            .map(|pd| crate::proxy::PdRouting::new(pd, id, &all, shared.board.clone()));
+        let local = if pd.is_some() {
+            all.with_role(crate::route::WorkerRole::Decode)
+        } else {
+            all
+        };
         let shard = Rc::new(Shard {
             id,
             selector: RefCell::new(Selector::new(
@@ -240,7 +250,12 @@ fn run_shard(
             ids: crate::proxy::RequestIds::new(id),
             draining: draining.clone(),
             panic_routing: std::cell::Cell::new(false),
-            asks_for_load: cfg.policy.policy.uses_load(),
+            pd,
+            asks_for_load: cfg.policy.policy.uses_load()
+                || cfg
+                    .pd
+                    .as_ref()
+                    .is_some_and(|pd| pd.prefill_policy.policy.uses_load()),
             upstream_auth: cfg
                 .worker_api_key
                 .as_ref()

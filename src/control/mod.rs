@@ -36,6 +36,8 @@ pub struct Control {
     /// Kubernetes discovery (`--service-discovery`), its flags validated: it sends what it
     /// finds on `membership_tx`.
     pub discovery: Option<discovery::DiscoveryArgs>,
+    /// P/D mode: discovery watches the prefill and decode selectors.
+    pub pd_mode: bool,
 }
 
 /// Starts the control-plane thread. The returned receiver gets one message when the
@@ -64,11 +66,10 @@ pub fn start(mut control: Control) -> std::sync::mpsc::Receiver<Result<(), Strin
                 // error, reported at start. The API server itself may come later.
                 match rt.block_on(discovery::client_from_env()) {
                     Ok(client) => {
-                        // P/D mode is not built yet: every discovered pod is a regular worker.
                         rt.spawn(discovery::run(
                             args,
                             client,
-                            false,
+                            control.pd_mode,
                             control.membership_tx.clone(),
                         ));
                     }

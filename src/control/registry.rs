@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shards::breaker::Breakers;
-use shards::route::{parse_worker_url, Worker, WorkerSet};
+use shards::route::{parse_worker_url, Worker, WorkerRole, WorkerSet};
 use shards::sync::{Directory, LoadBoard};
 
 use super::membership::Role;
@@ -106,7 +106,13 @@ impl Registry {
             return Err(AddError::Exists);
         }
         let slot = self.free_slot().ok_or(AddError::Full(self.board.slots()))?;
-        let worker = parse_worker_url(url, slot).map_err(|e| AddError::Invalid(e.to_string()))?;
+        let mut worker =
+            parse_worker_url(url, slot).map_err(|e| AddError::Invalid(e.to_string()))?;
+        worker.role = match role {
+            Role::Regular => WorkerRole::Regular,
+            Role::Prefill { .. } => WorkerRole::Prefill,
+            Role::Decode => WorkerRole::Decode,
+        };
         self.board.reset_slot(slot);
         self.breakers.reset(slot);
         let routable_at_once = !self.health.enabled || self.health.startup_timeout.is_zero();

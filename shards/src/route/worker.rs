@@ -17,6 +17,18 @@ pub struct Worker {
     /// Its row on the load board and in the pools, stable for as long as it is a member
     /// (the control plane reuses a slot only once nothing is in flight on it).
     pub slot: usize,
+    /// Which requests it takes: any (plain mode), or one P/D leg.
+    pub role: WorkerRole,
+}
+
+/// What a worker serves. In P/D mode a shard routes prefill legs over the `Prefill`
+/// workers and decode legs (and everything else) over the `Decode` ones.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WorkerRole {
+    #[default]
+    Regular,
+    Prefill,
+    Decode,
 }
 
 /// The workers routable in one epoch, in slot order. Shards share it by `Arc`; policies
@@ -65,6 +77,14 @@ impl WorkerSet {
     }
 
     /// The member in `slot`, if any.
+    /// The members with `role`, same epoch (slots unchanged).
+    pub fn with_role(&self, role: WorkerRole) -> WorkerSet {
+        WorkerSet::new(
+            self.epoch,
+            self.iter().filter(|w| w.role == role).cloned().collect(),
+        )
+    }
+
     pub fn by_slot(&self, slot: usize) -> Option<&Arc<Worker>> {
         self.members
             .binary_search_by_key(&slot, |w| w.slot)
@@ -133,6 +153,7 @@ pub fn parse_worker_url(url: &str, slot: usize) -> Result<Worker, WorkerUrlError
         authority: authority.to_string(),
         addr,
         slot,
+        role: WorkerRole::Regular,
     })
 }
 
