@@ -64,6 +64,12 @@ pub struct Cli {
     #[arg(long, value_parser = parse_policy)]
     pub decode_policy: Option<Policy>,
 
+    /// Data-parallel ranks per worker: each worker URL without an explicit rank becomes
+    /// URL@0 .. URL@N-1, each its own routing target, sent `X-data-parallel-rank` (the
+    /// worker's /get_server_info `dp_size` is used instead when it answers).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub intra_node_data_parallel_size: u32,
+
     /// cache_aware: least prefix match ratio that routes by cache.
     #[arg(long, default_value_t = 0.3, value_parser = parse_ratio)]
     pub cache_threshold: f64,

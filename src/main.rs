@@ -4,6 +4,7 @@
 mod cli;
 mod control;
 mod demo;
+mod dp;
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -61,10 +62,23 @@ fn main() -> ExitCode {
     } else {
         None
     };
-    let mut worker_urls = cli.worker_urls.clone();
+    let dp_size = cli.intra_node_data_parallel_size;
+    let dp_flag = "--intra-node-data-parallel-size";
+    let mut worker_urls = dp::expand(dp_flag, &cli.worker_urls, dp_size);
     if let Some(d) = &demo {
         worker_urls.extend(d.urls());
     }
+    let mut pd_workers = pd_workers;
+    pd_workers.decode = dp::expand(dp_flag, &pd_workers.decode, dp_size);
+    pd_workers.prefill = pd_workers
+        .prefill
+        .iter()
+        .flat_map(|(url, port)| {
+            dp::expand(dp_flag, std::slice::from_ref(url), dp_size)
+                .into_iter()
+                .map(move |u| (u, *port))
+        })
+        .collect();
     if pd_mode
         && discovery.is_none()
         && (pd_workers.prefill.is_empty() || pd_workers.decode.is_empty())

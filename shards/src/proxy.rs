@@ -1213,6 +1213,7 @@ async fn attempt<W: Future<Output = BufResult<usize, Vec<u8>>>>(
         &UpstreamHeadOpts {
             ask_load: shard.asks_for_load,
             authorization: shard.upstream_auth.as_deref(),
+            dp_rank: w.dp_rank,
         },
     );
     let coalesce = body_len <= COALESCE_BODY;

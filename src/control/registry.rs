@@ -148,10 +148,27 @@ impl Registry {
         (0..used.len()).find(|&s| !used[s] && self.board.in_flight(s) == 0)
     }
 
-    /// Records a health check's result; returns the new state if it changed.
-    pub fn record_check(&mut self, url: &str, result: Result<(), String>) -> Option<Health> {
+    /// The first worker served by the server at `host` (a URL without `@rank`).
+    pub fn get_host(&self, host: &str) -> Option<&Entry> {
+        self.entries.iter().find(|e| e.worker.host_url() == host)
+    }
+
+    /// Records a health check of the server at `host` (a URL without `@rank`) for every
+    /// worker it serves (its data-parallel ranks are checked once, together); returns the
+    /// new state if one changed.
+    pub fn record_check(&mut self, host: &str, result: Result<(), String>) -> Option<Health> {
+        let mut changed = None;
+        for i in 0..self.entries.len() {
+            if self.entries[i].worker.host_url() == host {
+                changed = self.record_one(i, result.clone()).or(changed);
+            }
+        }
+        changed
+    }
+
+    fn record_one(&mut self, i: usize, result: Result<(), String>) -> Option<Health> {
         let cfg = self.health.clone();
-        let e = self.entries.iter_mut().find(|e| e.worker.url == url)?;
+        let e = &mut self.entries[i];
         let before = e.health;
         match result {
             Ok(()) => {
