@@ -452,3 +452,68 @@ fn a_chunked_client_body_is_spliced_too() {
         .is_some_and(|kv| kv.is_object()));
     assert_eq!(decode, client);
 }
+
+#[test]
+fn a_client_leaving_during_decode_aborts_the_decode_stream() {
+    let p = mocks(1, |_| {});
+    let d = mocks(1, |c| c.itl = Duration::from_millis(50));
+    let r = pd_router(&urls(&p), &urls(&d), &[]);
+    let mut s = r.connect();
+    let body = r#"{"model":"mock-model","prompt":"x","max_tokens":200,"stream":true}"#;
+    s.write_all(&post_json("/v1/completions", body)).unwrap();
+    let mut first = [0u8; 64];
+    assert!(s.read(&mut first).unwrap() > 0);
+    drop(s);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while d[0].stats().streams_aborted == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stats = d[0].stats();
+    assert_eq!((stats.streams_aborted, stats.streams_completed), (1, 0));
+    assert_eq!(p[0].stats().prefill_legs, 1);
+}
+
+#[test]
+fn a_prefill_answer_cut_mid_body_moves_the_prefill_to_another_worker() {
+    let cut = RawUpstream::spawn(|mut s| {
+        if read_request(&mut s).is_some() {
+            let _ = s.write_all(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"id\":",
+            );
+        }
+    });
+    let good = mocks(1, |_| {});
+    let d = mocks(1, |_| {});
+    let r = pd_router(
+        &[cut.url.clone(), good[0].url()],
+        &urls(&d),
+        &["--policy", "round_robin"],
+    );
+    for _ in 0..2 {
+        let body = r#"{"model":"mock-model","prompt":"x","max_tokens":2}"#;
+        let resp = exchange(r.addr, &post_json("/v1/completions", body));
+        assert_eq!(resp.status, 200, "{}", resp.text());
+    }
+    assert_eq!(good[0].stats().prefill_legs, 2);
+    assert_eq!(d[0].stats().decode_legs, 2);
+}
+
+#[test]
+fn a_prefill_that_never_answers_is_a_504() {
+    let silent = RawUpstream::spawn(|mut s| {
+        if read_request(&mut s).is_some() {
+            std::thread::sleep(Duration::from_secs(5));
+        }
+    });
+    let d = mocks(1, |_| {});
+    let r = pd_router(
+        std::slice::from_ref(&silent.url),
+        &urls(&d),
+        &["--request-timeout-secs", "1"],
+    );
+    let body = r#"{"model":"mock-model","prompt":"x","max_tokens":2}"#;
+    let resp = exchange(r.addr, &post_json("/v1/completions", body));
+    assert_eq!(resp.status, 504, "{}", resp.text());
+    resp.error_message();
+    assert!(legs(&d[0]).is_empty());
+}

@@ -452,6 +452,10 @@ async fn handle_request(
         b.inbuf.shrink_to(b.inbuf.len());
     }
     let next = route_request(shard, rd, wr, b, &body).await;
+    // A P/D leg's body, when the request ended before the relay released it.
+    if b.leg.capacity() > KEEP_BETWEEN_REQUESTS {
+        b.leg = Vec::new();
+    }
     // The relay may have released the request's bytes already (then request_end is 0).
     b.start = b.request_end;
     b.request_end = 0;
