@@ -517,3 +517,36 @@ fn a_prefill_that_never_answers_is_a_504() {
     resp.error_message();
     assert!(legs(&d[0]).is_empty());
 }
+
+#[test]
+fn each_leg_has_its_own_policy() {
+    let p = mocks(2, |_| {});
+    let d = mocks(2, |_| {});
+    let r = pd_router(
+        &urls(&p),
+        &urls(&d),
+        &[
+            "--prefill-policy",
+            "cache_aware",
+            "--decode-policy",
+            "round_robin",
+            "--shards",
+            "1",
+        ],
+    );
+    let prompt = "a long shared system prompt that the prefill worker has cached ".repeat(8);
+    for _ in 0..6 {
+        let body = json!({"model": "mock-model", "prompt": prompt, "max_tokens": 2});
+        let resp = exchange(r.addr, &post_json("/v1/completions", &body.to_string()));
+        assert_eq!(resp.status, 200, "{}", resp.text());
+    }
+    let mut prefill: Vec<u64> = p.iter().map(|m| m.stats().prefill_legs).collect();
+    prefill.sort();
+    assert_eq!(
+        prefill,
+        [0, 6],
+        "the same prompt is prefilled where it is cached"
+    );
+    let decode: Vec<u64> = d.iter().map(|m| m.stats().decode_legs).collect();
+    assert_eq!(decode, [3, 3], "decode legs go round");
+}

@@ -35,7 +35,7 @@ use crate::pd::splice::{KvTransferParams, ObjectIndex};
 use crate::retry::is_retryable_status;
 use crate::route::key::routing_text;
 use crate::route::{Candidates, Selector, Worker, WorkerRole, WorkerSet};
-use crate::sync::LoadBoard;
+use crate::sync::{LoadBoard, PrefixFeed};
 use crate::upstream::response::ClientHead;
 use crate::upstream::{ResponseFraming, ResponseHead};
 
@@ -52,9 +52,15 @@ pub struct PdRouting {
 
 impl PdRouting {
     /// For a shard starting with `all` (every role).
-    pub fn new(cfg: PdConfig, shard: usize, all: &WorkerSet, board: Arc<LoadBoard>) -> Self {
+    pub fn new(
+        cfg: PdConfig,
+        shard: usize,
+        all: &WorkerSet,
+        board: Arc<LoadBoard>,
+        feed: Option<PrefixFeed>,
+    ) -> Self {
         let prefill = all.with_role(WorkerRole::Prefill);
-        let selector = Selector::new(cfg.prefill_policy.clone(), shard, &prefill, board, None);
+        let selector = Selector::new(cfg.prefill_policy.clone(), shard, &prefill, board, feed);
         PdRouting {
             cfg,
             prefill: RefCell::new(Rc::new(prefill)),
