@@ -550,3 +550,21 @@ fn each_leg_has_its_own_policy() {
     let decode: Vec<u64> = d.iter().map(|m| m.stats().decode_legs).collect();
     assert_eq!(decode, [3, 3], "decode legs go round");
 }
+
+#[test]
+fn workers_added_with_their_role_take_their_leg() {
+    let p = mocks(1, |_| {});
+    let d = mocks(1, |_| {});
+    let r = pd_router(&[], &urls(&d), &[]);
+    let body = r#"{"model":"mock-model","prompt":"x","max_tokens":2}"#;
+    let resp = exchange(r.addr, &post_json("/v1/completions", body));
+    assert_eq!(resp.status, 503, "no prefill worker yet: {}", resp.text());
+    assert!(resp.error_message().contains("prefill"));
+    let add = json!({"url": p[0].url(), "worker_type": "prefill"}).to_string();
+    let resp = exchange(r.addr, &post_json("/workers", &add));
+    assert!(resp.status < 300, "{}", resp.text());
+    let resp = exchange(r.addr, &post_json("/v1/completions", body));
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(p[0].stats().prefill_legs, 1);
+    assert_eq!(d[0].stats().decode_legs, 1);
+}
