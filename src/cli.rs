@@ -32,6 +32,30 @@ pub struct Cli {
     #[arg(long, default_value = "cache_aware", value_parser = parse_policy)]
     pub policy: Policy,
 
+    /// Prefill/decode disaggregation (vLLM with the NIXL connector): each generation request
+    /// is a prefill leg on a --prefill worker, then a decode leg on a --decode worker.
+    #[arg(long = "vllm-pd-disaggregation", visible_alias = "pd-disaggregation")]
+    pub pd_disaggregation: bool,
+
+    /// P/D mode: a prefill worker, and its bootstrap port or `none` (repeatable).
+    #[arg(long, num_args = 1..=2, action = ArgAction::Append, value_names = ["URL", "BOOTSTRAP_PORT"])]
+    pub prefill: Vec<String>,
+
+    /// P/D mode: a decode worker (repeatable).
+    #[arg(long, action = ArgAction::Append, value_name = "URL")]
+    pub decode: Vec<String>,
+
+    /// [ringrouter] P/D mode: when a prefill worker answers without `kv_transfer_params`,
+    /// run the decode leg on the client's body as is (the decode worker prefills itself)
+    /// instead of answering 502.
+    #[arg(long)]
+    pub pd_fallback_decode_only: bool,
+
+    /// [ringrouter] P/D mode: prompts shorter than this many bytes of text skip the prefill
+    /// leg and go straight to a decode worker (0: every prompt is prefilled).
+    #[arg(long, default_value_t = 0)]
+    pub pd_min_prompt_chars: usize,
+
     /// Policy for prefill workers in P/D mode (default: --policy).
     #[arg(long, value_parser = parse_policy)]
     pub prefill_policy: Option<Policy>,
@@ -39,6 +63,12 @@ pub struct Cli {
     /// Policy for decode workers in P/D mode (default: --policy).
     #[arg(long, value_parser = parse_policy)]
     pub decode_policy: Option<Policy>,
+
+    /// Data-parallel ranks per worker: each worker URL without an explicit rank becomes
+    /// URL@0 .. URL@N-1, each its own routing target, sent `X-data-parallel-rank` (the
+    /// worker's /get_server_info `dp_size` is used instead when it answers).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub intra_node_data_parallel_size: u32,
 
     /// cache_aware: least prefix match ratio that routes by cache.
     #[arg(long, default_value_t = 0.3, value_parser = parse_ratio)]
@@ -238,6 +268,14 @@ pub struct ReliabilityArgs {
     pub api_key: Option<String>,
 }
 
+/// P/D mode's workers from the flags.
+#[derive(Debug, Default)]
+pub struct PdWorkers {
+    /// URL and bootstrap port.
+    pub prefill: Vec<(String, Option<u16>)>,
+    pub decode: Vec<String>,
+}
+
 fn parse_endpoint(s: &str) -> Result<String, String> {
     if s.starts_with('/') {
         Ok(s.to_string())
@@ -294,6 +332,16 @@ impl Cli {
         policy.balance_rel_threshold = self.balance_rel_threshold;
         policy.max_tree_size = self.max_tree_size as usize;
         policy.prefix_weight = self.load_aware_prefix_weight;
+        if self.pd_disaggregation {
+            let mut prefill = policy.clone();
+            prefill.policy = self.prefill_policy.unwrap_or(self.policy);
+            policy.policy = self.decode_policy.unwrap_or(self.policy);
+            cfg.pd = Some(shards::config::PdConfig {
+                prefill_policy: prefill,
+                fallback_decode_only: self.pd_fallback_decode_only,
+                min_prompt_chars: self.pd_min_prompt_chars,
+            });
+        }
         cfg.policy = policy;
         cfg.max_payload_size = self.max_payload_size;
         cfg.max_header_bytes = self.max_header_size as usize;
@@ -327,6 +375,61 @@ impl Cli {
         cfg.client_api_keys = r.client_api_keys.clone();
         cfg.worker_api_key = r.api_key.clone();
         cfg
+    }
+
+    /// The P/D workers: prefill (with their bootstrap ports) and decode. Checks that the
+    /// flags agree with the mode.
+    pub fn pd_workers(&self) -> Result<PdWorkers, String> {
+        let mut w = PdWorkers::default();
+        if !self.pd_disaggregation {
+            if !self.prefill.is_empty() || !self.decode.is_empty() {
+                return Err("--prefill and --decode need --vllm-pd-disaggregation".into());
+            }
+            return Ok(w);
+        }
+        if !self.worker_urls.is_empty() {
+            return Err("--worker-urls cannot be used with --vllm-pd-disaggregation: give                         prefill workers as --prefill URL [BOOTSTRAP_PORT] and decode workers as                         --decode URL"
+                .into());
+        }
+        if self.demo {
+            return Err("--demo cannot be used with --vllm-pd-disaggregation".into());
+        }
+        // clap flattens the occurrences' values; a URL has a scheme, a bootstrap port
+        // (or `none`) follows its URL.
+        let mut has_port = false;
+        for v in &self.prefill {
+            if v.contains("://") {
+                w.prefill.push((v.clone(), None));
+                has_port = false;
+                continue;
+            }
+            let Some(last) = w.prefill.last_mut().filter(|_| !has_port) else {
+                return Err(format!(
+                    "--prefill {v}: expected --prefill URL [BOOTSTRAP_PORT|none], with the URL \
+                     as http://host:port"
+                ));
+            };
+            has_port = true;
+            if !v.eq_ignore_ascii_case("none") {
+                last.1 = Some(v.parse::<u16>().map_err(|_| {
+                    format!(
+                        "--prefill {} {v}: the bootstrap port must be a port number or 'none'",
+                        last.0
+                    )
+                })?);
+            }
+        }
+        w.decode = self.decode.clone();
+        Ok(w)
+    }
+
+    /// Whether any policy in use reads worker load.
+    pub fn uses_load(&self) -> bool {
+        let cfg = self.data_plane_config();
+        cfg.policy.policy.uses_load()
+            || cfg
+                .pd
+                .is_some_and(|pd| pd.prefill_policy.policy.uses_load())
     }
 
     /// Active health checking as the flags say.
@@ -415,5 +518,76 @@ mod tests {
         assert!(e.contains("--health-check-endpoint"), "{e}");
         let cli = Cli::try_parse_from(["ringrouter", "--disable-retries"]).unwrap();
         assert_eq!(cli.data_plane_config().retry.max_attempts, 1);
+    }
+
+    #[test]
+    fn pd_flags_as_vllm_router() {
+        let cli = Cli::try_parse_from([
+            "ringrouter",
+            "--pd-disaggregation",
+            "--prefill",
+            "http://127.0.0.1:1",
+            "8998",
+            "--prefill",
+            "http://127.0.0.1:2",
+            "--prefill",
+            "http://127.0.0.1:3",
+            "none",
+            "--decode",
+            "http://127.0.0.1:4",
+            "--decode",
+            "http://127.0.0.1:5",
+            "--policy",
+            "random",
+            "--prefill-policy",
+            "round_robin",
+        ])
+        .unwrap();
+        let w = cli.pd_workers().unwrap();
+        assert_eq!(
+            w.prefill,
+            vec![
+                ("http://127.0.0.1:1".to_string(), Some(8998)),
+                ("http://127.0.0.1:2".to_string(), None),
+                ("http://127.0.0.1:3".to_string(), None),
+            ]
+        );
+        assert_eq!(w.decode.len(), 2);
+        let cfg = cli.data_plane_config();
+        let pd = cfg.pd.expect("P/D mode");
+        assert_eq!(pd.prefill_policy.policy, Policy::RoundRobin);
+        assert_eq!(cfg.policy.policy, Policy::Random);
+        assert!(!pd.fallback_decode_only);
+        assert_eq!(pd.min_prompt_chars, 0);
+    }
+
+    #[test]
+    fn pd_flags_refused_when_inconsistent() {
+        let parse = |args: &[&str]| {
+            let mut all = vec!["ringrouter"];
+            all.extend_from_slice(args);
+            Cli::try_parse_from(all).unwrap().pd_workers().unwrap_err()
+        };
+        let e = parse(&[
+            "--vllm-pd-disaggregation",
+            "--worker-urls",
+            "http://127.0.0.1:1",
+        ]);
+        assert!(
+            e.contains("--worker-urls") && e.contains("--prefill"),
+            "{e}"
+        );
+        let e = parse(&[
+            "--vllm-pd-disaggregation",
+            "--prefill",
+            "http://127.0.0.1:1",
+            "port",
+        ]);
+        assert!(e.contains("bootstrap port"), "{e}");
+        let e = parse(&["--prefill", "http://127.0.0.1:1"]);
+        assert!(e.contains("--vllm-pd-disaggregation"), "{e}");
+        // Plain mode has no P/D config.
+        let cli = Cli::try_parse_from(["ringrouter"]).unwrap();
+        assert!(cli.data_plane_config().pd.is_none());
     }
 }

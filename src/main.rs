@@ -4,6 +4,7 @@
 mod cli;
 mod control;
 mod demo;
+mod dp;
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -23,8 +24,15 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
 
-    // P/D mode is not built yet: discovery runs with --selector alone.
-    if let Err(e) = cli.discovery.validate(false) {
+    let pd_mode = cli.pd_disaggregation;
+    let pd_workers = match cli.pd_workers() {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = cli.discovery.validate(pd_mode) {
         eprintln!("error: {e}");
         return ExitCode::from(2);
     }
@@ -33,11 +41,12 @@ fn main() -> ExitCode {
         .service_discovery
         .then(|| cli.discovery.clone());
     if discovery.is_some()
+        && !pd_mode
         && !(cli.discovery.prefill_selector.is_empty() && cli.discovery.decode_selector.is_empty())
     {
         tracing::warn!(
-            "--prefill-selector and --decode-selector are for P/D mode, which ringrouter does \
-             not have yet: ignored (pods matching --selector are regular workers)"
+            "--prefill-selector and --decode-selector are for P/D mode \
+             (--vllm-pd-disaggregation): ignored (pods matching --selector are regular workers)"
         );
     }
 
@@ -53,11 +62,32 @@ fn main() -> ExitCode {
     } else {
         None
     };
-    let mut worker_urls = cli.worker_urls.clone();
+    let dp_size = cli.intra_node_data_parallel_size;
+    let dp_flag = "--intra-node-data-parallel-size";
+    let mut worker_urls = dp::expand(dp_flag, &cli.worker_urls, dp_size);
     if let Some(d) = &demo {
         worker_urls.extend(d.urls());
     }
-    if worker_urls.is_empty() && discovery.is_none() {
+    let mut pd_workers = pd_workers;
+    pd_workers.decode = dp::expand(dp_flag, &pd_workers.decode, dp_size);
+    pd_workers.prefill = pd_workers
+        .prefill
+        .iter()
+        .flat_map(|(url, port)| {
+            dp::expand(dp_flag, std::slice::from_ref(url), dp_size)
+                .into_iter()
+                .map(move |u| (u, *port))
+        })
+        .collect();
+    if pd_mode
+        && discovery.is_none()
+        && (pd_workers.prefill.is_empty() || pd_workers.decode.is_empty())
+    {
+        tracing::warn!(
+            "P/D mode without --prefill or --decode workers: generation requests will get 503 \
+             until both exist"
+        );
+    } else if !pd_mode && worker_urls.is_empty() && discovery.is_none() {
         tracing::warn!(
             "no --worker-urls given: every routed request will get 503 until workers exist"
         );
@@ -65,7 +95,9 @@ fn main() -> ExitCode {
     let (admin_tx, admin_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut cfg = cli.data_plane_config();
     cfg.admin = Some(admin_tx);
-    cfg.max_workers = cfg.max_workers.max(worker_urls.len());
+    cfg.max_workers = cfg
+        .max_workers
+        .max(worker_urls.len() + pd_workers.prefill.len() + pd_workers.decode.len());
     let plane = match shards::start(cfg) {
         Ok(p) => p,
         Err(e) => {
@@ -79,19 +111,35 @@ fn main() -> ExitCode {
         plane.breakers.clone(),
         cli.health_config(),
     );
-    for url in &worker_urls {
-        if let Err(e) = registry.add(url, control::membership::Role::Regular) {
+    use control::membership::Role;
+    let flagged = worker_urls
+        .iter()
+        .map(|u| ("--worker-urls", u, Role::Regular))
+        .chain(pd_workers.prefill.iter().map(|(u, port)| {
+            let role = Role::Prefill {
+                bootstrap_port: *port,
+            };
+            ("--prefill", u, role)
+        }))
+        .chain(
+            pd_workers
+                .decode
+                .iter()
+                .map(|u| ("--decode", u, Role::Decode)),
+        );
+    for (flag, url, role) in flagged {
+        if let Err(e) = registry.add(url, role) {
             let why = match e {
                 control::registry::AddError::Invalid(m) => m,
                 control::registry::AddError::Exists => format!("'{url}' is given twice"),
                 control::registry::AddError::Full(n) => format!("more than {n} workers"),
             };
-            eprintln!("error: --worker-urls: {why}");
+            eprintln!("error: {flag}: {why}");
             return ExitCode::from(2);
         }
     }
     registry.publish();
-    let scrape = (cli.policy.uses_load() && cli.load_scrape_interval_ms > 0)
+    let scrape = (cli.uses_load() && cli.load_scrape_interval_ms > 0)
         .then(|| std::time::Duration::from_millis(cli.load_scrape_interval_ms));
     let (membership_tx, membership_rx) = tokio::sync::mpsc::unbounded_channel();
     let health_timeout = cli.health_config().timeout;
@@ -104,6 +152,7 @@ fn main() -> ExitCode {
         membership_tx,
         scrape_every: scrape,
         discovery,
+        pd_mode,
     });
     // Scripts wait for the "listening" line: let the first health checks decide which
     // workers are routable before it (bounded by the check timeout).
@@ -118,7 +167,8 @@ fn main() -> ExitCode {
         shards = plane.shards.len(),
         ?drivers,
         policy = %cli.policy,
-        workers = worker_urls.len(),
+        workers = worker_urls.len() + pd_workers.prefill.len() + pd_workers.decode.len(),
+        pd = pd_mode,
         "ringrouter ready"
     );
     // One plain line on stdout for scripts and tests to wait for.

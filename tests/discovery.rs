@@ -233,3 +233,49 @@ fn discovery_without_a_selector_is_a_usage_error() {
         .expect("the router exits");
     assert!(err.contains("--selector"), "{err}");
 }
+
+#[test]
+fn in_pd_mode_pods_are_prefill_or_decode_workers_by_their_selectors() {
+    let (port, w) = pod_workers(2);
+    let cluster = Cluster::new();
+    cluster.put(
+        pod("p", "127.0.0.2")
+            .labels(&[("app", "vllm"), ("component", "prefill")])
+            .json(),
+    );
+    cluster.put(
+        pod("d", "127.0.0.3")
+            .labels(&[("app", "vllm"), ("component", "decode")])
+            .json(),
+    );
+    let api = cluster.serve_in_thread().unwrap();
+    let kubeconfig = Kubeconfig::write(&api.url());
+    let port_arg = port.to_string();
+    let r = Router::start_env(
+        &[("KUBECONFIG", kubeconfig.path())],
+        &[
+            "--vllm-pd-disaggregation",
+            "--service-discovery",
+            "--prefill-selector",
+            "component=prefill",
+            "--decode-selector",
+            "component=decode",
+            "--service-discovery-port",
+            &port_arg,
+            "--shards",
+            "1",
+        ],
+    )
+    .unwrap();
+    wait_for_workers(
+        &r,
+        &[
+            format!("http://127.0.0.2:{port}"),
+            format!("http://127.0.0.3:{port}"),
+        ],
+    );
+    // The decode worker answers; the prefill worker had the prefill leg.
+    assert_eq!(served_by(&r, 3), names(&["pod-1"]));
+    assert_eq!(w[0].stats().prefill_legs, 3);
+    assert_eq!(w[1].stats().decode_legs, 3);
+}

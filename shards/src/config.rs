@@ -61,6 +61,21 @@ pub struct DataPlaneConfig {
     pub upstream_idle_timeout: Duration,
     /// Idle upstream connections kept per worker per shard.
     pub pool_max_idle_per_worker: usize,
+    /// Prefill/decode disaggregation; `policy` is then the decode workers' policy.
+    pub pd: Option<PdConfig>,
+}
+
+/// P/D mode: each generation request is a prefill leg on a prefill worker, then a decode
+/// leg on a decode worker (see `pd`).
+#[derive(Clone, Debug)]
+pub struct PdConfig {
+    /// How prefill workers are chosen.
+    pub prefill_policy: PolicyConfig,
+    /// A prefill response without `kv_transfer_params` runs the decode leg with the
+    /// client's body as is (the decode worker prefills itself) instead of failing with 502.
+    pub fallback_decode_only: bool,
+    /// Prompts with less routing text than this many bytes skip the prefill leg.
+    pub min_prompt_chars: usize,
 }
 
 impl DataPlaneConfig {
@@ -88,6 +103,7 @@ impl DataPlaneConfig {
             connect_timeout: Duration::from_secs(5),
             upstream_idle_timeout: Duration::from_secs(4),
             pool_max_idle_per_worker: 256,
+            pd: None,
         }
     }
 }

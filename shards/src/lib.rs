@@ -12,7 +12,8 @@
 //! - [`route`]: the worker set and the policies that pick a worker.
 //! - [`upstream`]: the client side: keep-alive pools, the upstream request, the response relay.
 //! - [`proxy`]: one client connection's life, as named phases.
-//! - [`pd`]: prefill/decode disaggregation: the two legs' request bodies.
+//! - [`pd`]: prefill/decode disaggregation: the two legs' request bodies (the exchange
+//!   itself is the proxy's, in `proxy/disagg.rs`).
 //! - [`retry`], [`breaker`], [`admission`]: which failures are retried and when, which
 //!   workers are avoided after failing, how many requests may be in flight.
 //! - [`sync`]: what crosses threads (worker-set epochs, the load board, prefix inserts).

@@ -39,6 +39,9 @@ use crate::upstream::request::{write_upstream_head, UpstreamHeadOpts};
 use crate::upstream::response::{write_client_head, ClientHead};
 use crate::upstream::{Pool, ResponseFraming, ResponseHead};
 
+mod disagg;
+pub use disagg::PdRouting;
+
 type ClientRd = OwnedReadHalf<TcpStream>;
 type ClientWr = OwnedWriteHalf<TcpStream>;
 
@@ -65,6 +68,9 @@ pub struct Shard {
     pub draining: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Every worker's breaker was open at the last request: routing ignores them.
     pub panic_routing: std::cell::Cell<bool>,
+    /// P/D mode: the prefill workers and their policy (`workers` and `selector` are then
+    /// the decode workers').
+    pub pd: Option<disagg::PdRouting>,
 }
 
 impl Shard {
@@ -81,13 +87,20 @@ impl Shard {
     }
 
     fn adopt(&self, set: WorkerSet) {
-        let local = WorkerSet::new(set.epoch, set.iter().cloned().collect());
+        let all = WorkerSet::new(set.epoch, set.iter().cloned().collect());
+        let local = match &self.pd {
+            Some(pd) => {
+                pd.adopt(&all);
+                all.with_role(crate::route::WorkerRole::Decode)
+            }
+            None => all.clone(),
+        };
         self.selector.borrow_mut().set_workers(&local);
         // Idle connections to workers that left are closed now; those in use close when
         // their response ends (they are not returned to the pool).
         self.pool
             .borrow_mut()
-            .retain_slots(|slot| local.by_slot(slot).is_some());
+            .retain_slots(|slot| all.by_slot(slot).is_some());
         tracing::debug!(
             shard = self.id,
             epoch = local.epoch,
@@ -97,11 +110,18 @@ impl Shard {
         *self.workers.borrow_mut() = Rc::new(local);
     }
 
-    /// Workers a request could go to now (not passively down, breaker not open).
+    /// Workers a request could go to now (not passively down, breaker not open). In P/D
+    /// mode, none unless a prefill worker is usable too.
     fn usable_count(&self, set: &WorkerSet) -> usize {
-        set.iter()
-            .filter(|w| self.board.is_usable(w.slot) && self.breakers.is_closed_or_due(w.slot))
-            .count()
+        let usable = |set: &WorkerSet| {
+            set.iter()
+                .filter(|w| self.board.is_usable(w.slot) && self.breakers.is_closed_or_due(w.slot))
+                .count()
+        };
+        match &self.pd {
+            Some(pd) if usable(&pd.prefill.borrow()) == 0 => 0,
+            _ => usable(set),
+        }
     }
 }
 
@@ -182,6 +202,8 @@ struct Buffers {
     rid: Vec<u8>,
     /// Where the client watch reads (pipelined bytes land here first).
     watch: Vec<u8>,
+    /// A P/D leg's body (`Body::Leg`), spliced from the client's.
+    leg: Vec<u8>,
 }
 
 enum Next {
@@ -194,6 +216,8 @@ enum Body {
     Inline(usize),
     /// Decoded into `decoded`; `raw` bytes of chunked framing followed the head.
     Decoded { raw: usize },
+    /// Not the client's body: a P/D leg's, in `leg`.
+    Leg,
 }
 
 enum Fill {
@@ -214,6 +238,7 @@ pub async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) {
         decoded: Vec::new(),
         rid: Vec::with_capacity(40),
         watch: Vec::new(),
+        leg: Vec::new(),
     };
     loop {
         b.rid.clear();
@@ -417,6 +442,7 @@ async fn handle_request(
         + match body {
             Body::Inline(n) => n,
             Body::Decoded { raw } => raw,
+            Body::Leg => 0,
         };
     let keep_alive = b.head.keep_alive;
     b.request_end = b.start + consumed;
@@ -426,6 +452,10 @@ async fn handle_request(
         b.inbuf.shrink_to(b.inbuf.len());
     }
     let next = route_request(shard, rd, wr, b, &body).await;
+    // A P/D leg's body, when the request ended before the relay released it.
+    if b.leg.capacity() > KEEP_BETWEEN_REQUESTS {
+        b.leg = Vec::new();
+    }
     // The relay may have released the request's bytes already (then request_end is 0).
     b.start = b.request_end;
     b.request_end = 0;
@@ -468,6 +498,8 @@ async fn route_request(
         };
     }
     let mut routed: Option<Candidates> = None;
+    // P/D mode: the prefill workers' set and candidates, when this request has a prefill leg.
+    let mut prefill: Option<(Rc<WorkerSet>, Candidates)> = None;
     let local: Option<(u16, &str, Vec<u8>)> = match (method, path) {
         (Method::Get | Method::Head, b"/readiness") if shard.is_draining() => {
             let e = ApiError::new(503, "draining: the router is shutting down");
@@ -497,11 +529,22 @@ async fn route_request(
             let bytes = match body {
                 Body::Inline(n) => &b.inbuf[s + b.head.len..s + b.head.len + n],
                 Body::Decoded { .. } => &b.decoded[..],
+                Body::Leg => &b.leg[..],
             };
             match parse_fields(bytes) {
                 Ok(fields) => {
                     let head_bytes = &b.inbuf[s..s + b.head.len];
-                    routed = Some(choose_workers(shard, &b.head, head_bytes, Some(&fields)));
+                    routed = Some(choose_workers(
+                        &shard.selector,
+                        &b.head,
+                        head_bytes,
+                        Some(&fields),
+                    ));
+                    // Both legs are chosen from the same routing key.
+                    if let Some(pd) = shard.pd.as_ref().filter(|pd| pd.wants_prefill(p, &fields)) {
+                        let c = choose_workers(&pd.selector, &b.head, head_bytes, Some(&fields));
+                        prefill = Some((pd.prefill.borrow().clone(), c));
+                    }
                     None
                 }
                 Err(e) => Some((400, "application/json", ApiError::bad_request(e.0).body())),
@@ -532,7 +575,7 @@ async fn route_request(
     }
     let candidates = match routed {
         Some(c) => c,
-        None => choose_workers(shard, &b.head, &b.inbuf[s..s + b.head.len], None),
+        None => choose_workers(&shard.selector, &b.head, &b.inbuf[s..s + b.head.len], None),
     };
     let _permit = match shard.admission.acquire().await {
         Ok(p) => p,
@@ -544,7 +587,7 @@ async fn route_request(
             };
         }
     };
-    proxy(shard, rd, wr, b, body, &set, candidates).await
+    proxy(shard, rd, wr, b, body, &set, candidates, prefill).await
 }
 
 /// Health probes and the version stay open to anyone; everything else needs the key.
@@ -607,6 +650,7 @@ async fn admin_call(
     let bytes = match body {
         Body::Inline(n) => b.inbuf[s + b.head.len..s + b.head.len + n].to_vec(),
         Body::Decoded { .. } => b.decoded.clone(),
+        Body::Leg => b.leg.clone(),
     };
     let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
     let call = AdminCall {
@@ -644,12 +688,12 @@ const ADMIN_POLL: std::time::Duration = std::time::Duration::from_millis(1);
 /// The policy's candidates for this request, from its session key (headers first, then
 /// body fields) and routing text, as far as the policy reads them.
 fn choose_workers(
-    shard: &Shard,
+    selector: &RefCell<Selector>,
     head: &RequestHead,
     head_bytes: &[u8],
     fields: Option<&crate::body::RequestFields<'_>>,
 ) -> Candidates {
-    let mut selector = shard.selector.borrow_mut();
+    let mut selector = selector.borrow_mut();
     let policy = selector.policy();
     let mut segments: Vec<&[u8]> = Vec::new();
     let mut session_key = None;
@@ -753,8 +797,9 @@ impl<W: Future<Output = BufResult<usize, Vec<u8>>>> Watch<'_, W> {
     }
 }
 
-/// Phase 4 and 5 around the client watch: the exchange with a worker, then whatever the
-/// watch read is kept for the next request.
+/// Phase 4 and 5 around the client watch: the exchange with a worker (in P/D mode, the
+/// prefill leg's first), then whatever the watch read is kept for the next request.
+#[allow(clippy::too_many_arguments)]
 async fn proxy(
     shard: &Shard,
     rd: &mut ClientRd,
@@ -763,6 +808,7 @@ async fn proxy(
     body: &Body,
     set: &WorkerSet,
     candidates: Candidates,
+    prefill: Option<(Rc<WorkerSet>, Candidates)>,
 ) -> Next {
     let canceller = Canceller::new();
     let mut watch_buf = std::mem::take(&mut b.watch);
@@ -782,7 +828,21 @@ async fn proxy(
         progress: 0,
         progress_at_arm: 0,
     };
-    let next = exchange(shard, &mut watch, wr, b, body, set, candidates).await;
+    let next = match prefill {
+        None => exchange(shard, &mut watch, wr, b, body, set, candidates).await,
+        Some((prefill_set, prefill_candidates)) => {
+            disagg::exchange_pd(
+                shard,
+                &mut watch,
+                wr,
+                b,
+                body,
+                (&prefill_set, prefill_candidates),
+                (set, candidates),
+            )
+            .await
+        }
+    };
     let pipelined = match std::mem::replace(&mut watch.state, WatchState::Gone) {
         WatchState::Pending => {
             let _ = canceller.cancel();
@@ -1131,9 +1191,10 @@ async fn attempt<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     // The upstream request: head, then the body (in the same write when small).
     let s = b.start;
     let head_len = b.head.len;
-    let (body_len, inline) = match body {
-        Body::Inline(n) => (*n, true),
-        Body::Decoded { .. } => (b.decoded.len(), false),
+    let body_len = match body {
+        Body::Inline(n) => *n,
+        Body::Decoded { .. } => b.decoded.len(),
+        Body::Leg => b.leg.len(),
     };
     b.out.clear();
     // One allocation for the head and a coalesced body (not a run of doublings).
@@ -1156,15 +1217,17 @@ async fn attempt<W: Future<Output = BufResult<usize, Vec<u8>>>>(
         &UpstreamHeadOpts {
             ask_load: shard.asks_for_load,
             authorization: shard.upstream_auth.as_deref(),
+            dp_rank: w.dp_rank,
         },
     );
     let coalesce = body_len <= COALESCE_BODY;
     if coalesce {
-        if inline {
-            b.out
-                .extend_from_slice(&b.inbuf[s + head_len..s + head_len + body_len]);
-        } else {
-            b.out.extend_from_slice(&b.decoded);
+        match body {
+            Body::Inline(_) => b
+                .out
+                .extend_from_slice(&b.inbuf[s + head_len..s + head_len + body_len]),
+            Body::Decoded { .. } => b.out.extend_from_slice(&b.decoded),
+            Body::Leg => b.out.extend_from_slice(&b.leg),
         }
     }
     let sent = match watch.guard(up.write_all(std::mem::take(&mut b.out))).await {
@@ -1179,20 +1242,20 @@ async fn attempt<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     };
     let sent = match sent {
         Ok(_) if !coalesce && body_len > 0 => {
-            let (buf, range) = if inline {
-                (
+            let (buf, range) = match body {
+                Body::Inline(_) => (
                     std::mem::take(&mut b.inbuf),
                     s + head_len..s + head_len + body_len,
-                )
-            } else {
-                (std::mem::take(&mut b.decoded), 0..body_len)
+                ),
+                Body::Decoded { .. } => (std::mem::take(&mut b.decoded), 0..body_len),
+                Body::Leg => (std::mem::take(&mut b.leg), 0..body_len),
             };
             match watch.guard(up.write_all(buf.slice(range))).await {
                 Ok((res, slice)) => {
-                    if inline {
-                        b.inbuf = slice.into_inner();
-                    } else {
-                        b.decoded = slice.into_inner();
+                    match body {
+                        Body::Inline(_) => b.inbuf = slice.into_inner(),
+                        Body::Decoded { .. } => b.decoded = slice.into_inner(),
+                        Body::Leg => b.leg = slice.into_inner(),
                     }
                     res
                 }
@@ -1333,6 +1396,9 @@ fn release_request(b: &mut Buffers) {
     b.out = Vec::new();
     if b.decoded.capacity() > 0 {
         b.decoded = Vec::new();
+    }
+    if b.leg.capacity() > 0 {
+        b.leg = Vec::new();
     }
 }
 

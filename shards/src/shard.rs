@@ -137,6 +137,9 @@ pub fn start(cfg: DataPlaneConfig) -> Result<DataPlane, String> {
         admission: Arc::new(Admission::new(cfg.admission)),
     };
     let mut feeds = PrefixFeed::mesh(cfg.shards).into_iter();
+    // P/D mode: the prefill workers' prefix index has its own.
+    let mut prefill_feeds =
+        PrefixFeed::mesh(if cfg.pd.is_some() { cfg.shards } else { 0 }).into_iter();
     let draining = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut infos = Vec::with_capacity(cfg.shards);
     let mut threads = Vec::with_capacity(cfg.shards);
@@ -151,7 +154,7 @@ pub fn start(cfg: DataPlaneConfig) -> Result<DataPlane, String> {
         let mut shard_cfg = cfg.clone();
         shard_cfg.listen = listen;
         let shared = shared.clone();
-        let feed = feeds.next();
+        let feed = (feeds.next(), prefill_feeds.next());
         let drain = draining.clone();
         let t = std::thread::Builder::new()
             .name(format!("shard-{id}"))
@@ -184,7 +187,8 @@ fn run_shard(
     core: Option<core_affinity::CoreId>,
     cfg: DataPlaneConfig,
     shared: Shared,
-    feed: Option<PrefixFeed>,
+    // The prefix inserts of this shard's selector, and of its prefill selector (P/D).
+    (feed, prefill_feed): (Option<PrefixFeed>, Option<PrefixFeed>),
     draining: std::sync::Arc<std::sync::atomic::AtomicBool>,
     ready: mpsc::Sender<Result<(ShardInfo, SocketAddr), String>>,
 ) {
@@ -217,7 +221,16 @@ fn run_shard(
         };
         let _ = ready.send(Ok((info, addr)));
         let workers = shared.directory.current();
-        let local = crate::route::WorkerSet::new(workers.epoch, workers.iter().cloned().collect());
+        let all = crate::route::WorkerSet::new(workers.epoch, workers.iter().cloned().collect());
+        // In P/D mode, `workers` and `selector` are the decode workers'.
+        let pd = cfg.pd.clone().map(|pd| {
+            crate::proxy::PdRouting::new(pd, id, &all, shared.board.clone(), prefill_feed)
+        });
+        let local = if pd.is_some() {
+            all.with_role(crate::route::WorkerRole::Decode)
+        } else {
+            all
+        };
         let shard = Rc::new(Shard {
             id,
             selector: RefCell::new(Selector::new(
@@ -240,7 +253,12 @@ fn run_shard(
             ids: crate::proxy::RequestIds::new(id),
             draining: draining.clone(),
             panic_routing: std::cell::Cell::new(false),
-            asks_for_load: cfg.policy.policy.uses_load(),
+            pd,
+            asks_for_load: cfg.policy.policy.uses_load()
+                || cfg
+                    .pd
+                    .as_ref()
+                    .is_some_and(|pd| pd.prefill_policy.policy.uses_load()),
             upstream_auth: cfg
                 .worker_api_key
                 .as_ref()

@@ -1,6 +1,8 @@
 //! Scrapes vLLM's load gauges from each worker's `/metrics` on an interval:
 //! `vllm:num_requests_waiting` and `vllm:num_requests_running` (summed over engines, i.e.
-//! data-parallel ranks) and `vllm:kv_cache_usage_perc` (the fullest engine).
+//! data-parallel ranks) and `vllm:kv_cache_usage_perc` (the fullest engine). A worker that
+//! is one data-parallel rank (`http://h:p@N`) gets its own engine's gauges (`engine="N"`)
+//! from its server's page.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +22,14 @@ pub struct LoadGauges {
 }
 
 /// Reads the gauges from Prometheus text.
+#[cfg(test)]
 pub fn parse_metrics(text: &str) -> LoadGauges {
+    parse_metrics_of(text, None)
+}
+
+/// Reads the gauges from Prometheus text, of engine `engine` only if given.
+pub fn parse_metrics_of(text: &str, engine: Option<u32>) -> LoadGauges {
+    let label = engine.map(|e| format!("engine=\"{e}\""));
     let mut g = LoadGauges::default();
     for line in text.lines() {
         if line.starts_with('#') {
@@ -30,6 +39,16 @@ pub fn parse_metrics(text: &str) -> LoadGauges {
             Some(i) => (&line[..i], &line[i..]),
             None => continue,
         };
+        if let Some(label) = &label {
+            let labels = rest.split_once('}').map_or("", |(l, _)| l);
+            if !labels
+                .trim_start_matches('{')
+                .split(',')
+                .any(|l| l.trim() == label)
+            {
+                continue;
+            }
+        }
         let value = rest
             .rsplit(' ')
             .find(|t| !t.is_empty())
@@ -58,7 +77,7 @@ pub async fn run(directory: Arc<Directory>, board: Arc<LoadBoard>, every: Durati
         tick.tick().await;
         let workers = directory.current();
         let scrapes = workers.iter().map(|w| {
-            let (url, slot) = (w.url.clone(), w.slot);
+            let (url, slot, rank) = (w.host_url().to_string(), w.slot, w.dp_rank);
             let client = client.clone();
             let board = board.clone();
             async move {
@@ -72,7 +91,7 @@ pub async fn run(directory: Arc<Directory>, board: Arc<LoadBoard>, every: Durati
                         return None;
                     }
                     let body = resp.into_body().collect().await.ok()?.to_bytes();
-                    Some(parse_metrics(&String::from_utf8_lossy(&body)))
+                    Some(parse_metrics_of(&String::from_utf8_lossy(&body), rank))
                 };
                 let Ok(Some(g)) =
                     tokio::time::timeout(every.max(Duration::from_millis(200)), fetch).await
@@ -131,5 +150,14 @@ vllm:num_requests_waiting_by_reason{engine="0",reason="capacity"} 9.0
             }
         );
         assert_eq!(parse_metrics("garbage\n"), LoadGauges::default());
+        assert_eq!(
+            parse_metrics_of(text, Some(1)),
+            LoadGauges {
+                waiting: Some(1.0),
+                running: Some(2.0),
+                kv_usage: Some(0.5)
+            }
+        );
+        assert_eq!(parse_metrics_of(text, Some(2)), LoadGauges::default());
     }
 }

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shards::admin::AdminCall;
+use shards::route::host_url;
 use shards::sync::{Directory, LoadBoard};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio::time::Instant;
@@ -36,6 +37,8 @@ pub struct Control {
     /// Kubernetes discovery (`--service-discovery`), its flags validated: it sends what it
     /// finds on `membership_tx`.
     pub discovery: Option<discovery::DiscoveryArgs>,
+    /// P/D mode: discovery watches the prefill and decode selectors.
+    pub pd_mode: bool,
 }
 
 /// Starts the control-plane thread. The returned receiver gets one message when the
@@ -64,11 +67,10 @@ pub fn start(mut control: Control) -> std::sync::mpsc::Receiver<Result<(), Strin
                 // error, reported at start. The API server itself may come later.
                 match rt.block_on(discovery::client_from_env()) {
                     Ok(client) => {
-                        // P/D mode is not built yet: every discovered pod is a regular worker.
                         rt.spawn(discovery::run(
                             args,
                             client,
-                            false,
+                            control.pd_mode,
                             control.membership_tx.clone(),
                         ));
                     }
@@ -100,8 +102,9 @@ async fn run(mut c: Control, ready: std::sync::mpsc::Sender<Result<(), String>>)
     let mut first_round: Option<usize> = None;
     if c.registry.health.enabled {
         let now = Instant::now();
+        // One check per server: its data-parallel ranks share it.
         for e in c.registry.entries() {
-            due.insert(e.worker.url.clone(), now);
+            due.insert(e.worker.host_url().to_string(), now);
         }
         first_round = Some(due.len());
     }
@@ -127,7 +130,7 @@ async fn run(mut c: Control, ready: std::sync::mpsc::Sender<Result<(), String>>)
                     admin_api::Effect::Added(url) => {
                         c.registry.publish();
                         if c.registry.health.enabled {
-                            due.insert(url, Instant::now());
+                            due.insert(host_url(&url).to_string(), Instant::now());
                         }
                     }
                     admin_api::Effect::Removed => c.registry.publish(),
@@ -138,7 +141,7 @@ async fn run(mut c: Control, ready: std::sync::mpsc::Sender<Result<(), String>>)
             Some(change) = c.membership.recv() => {
                 if let Some(url) = apply(&mut c.registry, change) {
                     if c.registry.health.enabled {
-                        due.insert(url, Instant::now());
+                        due.insert(host_url(&url).to_string(), Instant::now());
                     }
                 }
             }
@@ -155,7 +158,7 @@ async fn run(mut c: Control, ready: std::sync::mpsc::Sender<Result<(), String>>)
                 } else if let Some(err) = failed {
                     tracing::debug!(worker = %url, error = %err, "health check failed");
                 }
-                if let Some(e) = c.registry.get(&url) {
+                if let Some(e) = c.registry.get_host(&url) {
                     let startup = e.health == Health::Unknown
                         && started.elapsed() < c.registry.health.startup_timeout;
                     let next = if startup {

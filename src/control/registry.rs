@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shards::breaker::Breakers;
-use shards::route::{parse_worker_url, Worker, WorkerSet};
+use shards::route::{parse_worker_url, Worker, WorkerRole, WorkerSet};
 use shards::sync::{Directory, LoadBoard};
 
 use super::membership::Role;
@@ -106,7 +106,13 @@ impl Registry {
             return Err(AddError::Exists);
         }
         let slot = self.free_slot().ok_or(AddError::Full(self.board.slots()))?;
-        let worker = parse_worker_url(url, slot).map_err(|e| AddError::Invalid(e.to_string()))?;
+        let mut worker =
+            parse_worker_url(url, slot).map_err(|e| AddError::Invalid(e.to_string()))?;
+        worker.role = match role {
+            Role::Regular => WorkerRole::Regular,
+            Role::Prefill { .. } => WorkerRole::Prefill,
+            Role::Decode => WorkerRole::Decode,
+        };
         self.board.reset_slot(slot);
         self.breakers.reset(slot);
         let routable_at_once = !self.health.enabled || self.health.startup_timeout.is_zero();
@@ -142,10 +148,27 @@ impl Registry {
         (0..used.len()).find(|&s| !used[s] && self.board.in_flight(s) == 0)
     }
 
-    /// Records a health check's result; returns the new state if it changed.
-    pub fn record_check(&mut self, url: &str, result: Result<(), String>) -> Option<Health> {
+    /// The first worker served by the server at `host` (a URL without `@rank`).
+    pub fn get_host(&self, host: &str) -> Option<&Entry> {
+        self.entries.iter().find(|e| e.worker.host_url() == host)
+    }
+
+    /// Records a health check of the server at `host` (a URL without `@rank`) for every
+    /// worker it serves (its data-parallel ranks are checked once, together); returns the
+    /// new state if one changed.
+    pub fn record_check(&mut self, host: &str, result: Result<(), String>) -> Option<Health> {
+        let mut changed = None;
+        for i in 0..self.entries.len() {
+            if self.entries[i].worker.host_url() == host {
+                changed = self.record_one(i, result.clone()).or(changed);
+            }
+        }
+        changed
+    }
+
+    fn record_one(&mut self, i: usize, result: Result<(), String>) -> Option<Health> {
         let cfg = self.health.clone();
-        let e = self.entries.iter_mut().find(|e| e.worker.url == url)?;
+        let e = &mut self.entries[i];
         let before = e.health;
         match result {
             Ok(()) => {

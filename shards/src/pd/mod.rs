@@ -5,5 +5,8 @@
 //!
 //! - [`splice`]: the two legs' request bodies, edited into the client's bytes without
 //!   re-serialising the prompt, and the `kv_transfer_params` read out of a prefill response.
+//!
+//! The legs' exchange with the workers (choosing them, retries, reading the prefill answer,
+//! relaying the decode answer) is a phase of the proxy: `proxy/disagg.rs`.
 
 pub mod splice;

@@ -11,4 +11,4 @@ pub mod ring;
 mod worker;
 
 pub use policy::{Candidates, Policy, PolicyConfig, RouteInput, Selector, SelectorStats};
-pub use worker::{parse_worker_url, Worker, WorkerSet, WorkerUrlError};
+pub use worker::{host_url, parse_worker_url, Worker, WorkerRole, WorkerSet, WorkerUrlError};

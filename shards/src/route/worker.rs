@@ -17,6 +17,37 @@ pub struct Worker {
     /// Its row on the load board and in the pools, stable for as long as it is a member
     /// (the control plane reuses a slot only once nothing is in flight on it).
     pub slot: usize,
+    /// Which requests it takes: any (plain mode), or one P/D leg.
+    pub role: WorkerRole,
+    /// The data-parallel rank this target is (`http://h:p@N`), sent to the worker as
+    /// `X-data-parallel-rank`; each rank is its own routing target.
+    pub dp_rank: Option<u32>,
+}
+
+impl Worker {
+    /// The URL of the server behind this target (without `@rank`): what health checks and
+    /// metrics scrapes go to, once per server.
+    pub fn host_url(&self) -> &str {
+        host_url(&self.url)
+    }
+}
+
+/// `url` without its `@rank`.
+pub fn host_url(url: &str) -> &str {
+    match url.rfind('@') {
+        Some(i) => &url[..i],
+        None => url,
+    }
+}
+
+/// What a worker serves. In P/D mode a shard routes prefill legs over the `Prefill`
+/// workers and decode legs (and everything else) over the `Decode` ones.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WorkerRole {
+    #[default]
+    Regular,
+    Prefill,
+    Decode,
 }
 
 /// The workers routable in one epoch, in slot order. Shards share it by `Arc`; policies
@@ -65,6 +96,14 @@ impl WorkerSet {
     }
 
     /// The member in `slot`, if any.
+    /// The members with `role`, same epoch (slots unchanged).
+    pub fn with_role(&self, role: WorkerRole) -> WorkerSet {
+        WorkerSet::new(
+            self.epoch,
+            self.iter().filter(|w| w.role == role).cloned().collect(),
+        )
+    }
+
     pub fn by_slot(&self, slot: usize) -> Option<&Arc<Worker>> {
         self.members
             .binary_search_by_key(&slot, |w| w.slot)
@@ -108,7 +147,16 @@ pub fn parse_worker_url(url: &str, slot: usize) -> Result<Worker, WorkerUrlError
     } else {
         return Err(err("expected http://host:port"));
     };
-    let authority = rest.trim_end_matches('/');
+    let rest = rest.trim_end_matches('/');
+    let (authority, dp_rank) = match rest.rsplit_once('@') {
+        Some((a, rank)) => {
+            let rank = rank
+                .parse::<u32>()
+                .map_err(|_| err("a data-parallel rank is written http://host:port@N"))?;
+            (a.trim_end_matches('/'), Some(rank))
+        }
+        None => (rest, None),
+    };
     if authority.is_empty() {
         return Err(err("missing host"));
     }
@@ -116,7 +164,7 @@ pub fn parse_worker_url(url: &str, slot: usize) -> Result<Worker, WorkerUrlError
         return Err(err("a worker URL has no path; expected http://host:port"));
     }
     if authority.contains('@') {
-        return Err(err("data-parallel ranks (@N) are not supported yet"));
+        return Err(err("a data-parallel rank is written http://host:port@N"));
     }
     let with_port = if has_port(authority) {
         authority.to_string()
@@ -128,11 +176,17 @@ pub fn parse_worker_url(url: &str, slot: usize) -> Result<Worker, WorkerUrlError
         .map_err(|e| err(&format!("cannot resolve: {e}")))?
         .next()
         .ok_or_else(|| err("host resolves to no address"))?;
+    let url = match dp_rank {
+        Some(r) => format!("http://{authority}@{r}"),
+        None => format!("http://{authority}"),
+    };
     Ok(Worker {
-        url: format!("http://{authority}"),
+        url,
         authority: authority.to_string(),
         addr,
         slot,
+        role: WorkerRole::Regular,
+        dp_rank,
     })
 }
 
@@ -170,6 +224,27 @@ mod tests {
         assert_eq!(w.addr, "[::1]:9000".parse().unwrap());
         let w = parse_worker_url("http://[::1]", 0).unwrap();
         assert_eq!(w.addr.port(), 80);
+    }
+
+    #[test]
+    fn data_parallel_ranks() {
+        let w = parse_worker_url("http://127.0.0.1:8000@3", 0).unwrap();
+        assert_eq!(w.url, "http://127.0.0.1:8000@3");
+        assert_eq!(w.host_url(), "http://127.0.0.1:8000");
+        assert_eq!(w.authority, "127.0.0.1:8000");
+        assert_eq!(w.dp_rank, Some(3));
+        let w = parse_worker_url("http://127.0.0.1:8000/@0", 0).unwrap();
+        assert_eq!(
+            (w.url.as_str(), w.dp_rank),
+            ("http://127.0.0.1:8000@0", Some(0))
+        );
+        assert_eq!(
+            parse_worker_url("http://127.0.0.1:1", 0).unwrap().dp_rank,
+            None
+        );
+        assert!(parse_worker_url("http://127.0.0.1:8000@x", 0).is_err());
+        assert!(parse_worker_url("http://127.0.0.1:8000@-1", 0).is_err());
+        assert!(parse_worker_url("http://u@127.0.0.1:8000@1", 0).is_err());
     }
 
     #[test]

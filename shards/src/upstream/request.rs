@@ -26,7 +26,12 @@ pub struct UpstreamHeadOpts<'a> {
     pub ask_load: bool,
     /// `Authorization` value for the worker (`Bearer <--api-key>`), replacing the client's.
     pub authorization: Option<&'a [u8]>,
+    /// The worker's data-parallel rank (`X-data-parallel-rank`), replacing the client's.
+    pub dp_rank: Option<u32>,
 }
+
+/// The request header that pins a request to one data-parallel rank of a vLLM server.
+pub const DP_RANK: &[u8] = b"x-data-parallel-rank";
 
 /// Writes the upstream request head for `req` (whose spans index `head`) into `out`.
 /// Returns whether the router asked for the load report (then the report is the
@@ -60,6 +65,7 @@ pub fn write_upstream_head(
         if set_by_proxy(name)
             || is_hop_by_hop(name)
             || (opts.authorization.is_some() && name.eq_ignore_ascii_case(b"authorization"))
+            || (opts.dp_rank.is_some() && name.eq_ignore_ascii_case(DP_RANK))
             || (nconn > 0 && listed_in_connection(&connection_values[..nconn], name))
         {
             continue;
@@ -75,6 +81,11 @@ pub fn write_upstream_head(
     if let Some(auth) = opts.authorization {
         out.extend_from_slice(b"authorization: ");
         out.extend_from_slice(auth);
+        out.extend_from_slice(b"\r\n");
+    }
+    if let Some(rank) = opts.dp_rank {
+        out.extend_from_slice(b"x-data-parallel-rank: ");
+        out.extend_from_slice(itoa::Buffer::new().format(rank).as_bytes());
         out.extend_from_slice(b"\r\n");
     }
     let asked = opts.ask_load && req.header(head, LOAD_FORMAT).is_none();
@@ -128,6 +139,7 @@ mod tests {
         let opts = UpstreamHeadOpts {
             ask_load: false,
             authorization: Some(b"Bearer worker-key"),
+            ..Default::default()
         };
         write_upstream_head(&mut out, raw, &req, "w:1", b"id", 2, &opts);
         let text = String::from_utf8(out).unwrap();
@@ -153,7 +165,7 @@ mod tests {
             2,
             &UpstreamHeadOpts {
                 ask_load: true,
-                authorization: None
+                ..Default::default()
             }
         ));
         assert!(String::from_utf8_lossy(&out).contains("endpoint-load-metrics-format: TEXT\r\n"));
@@ -169,7 +181,7 @@ mod tests {
             2,
             &UpstreamHeadOpts {
                 ask_load: true,
-                authorization: None
+                ..Default::default()
             }
         ));
         let text = String::from_utf8_lossy(&out).into_owned();
@@ -178,5 +190,35 @@ mod tests {
             1,
             "{text}"
         );
+    }
+
+    #[test]
+    fn the_data_parallel_rank_replaces_the_clients() {
+        let raw = b"POST /v1/completions HTTP/1.1\r\nX-Data-Parallel-Rank: 7\r\n\r\n";
+        let mut req = RequestHead::default();
+        req.parse(raw, 8192).unwrap();
+        let mut out = Vec::new();
+        let opts = UpstreamHeadOpts {
+            dp_rank: Some(3),
+            ..Default::default()
+        };
+        write_upstream_head(&mut out, raw, &req, "w:1", b"id", 2, &opts);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("x-data-parallel-rank: 3\r\n"), "{text}");
+        assert!(!text.contains(": 7"), "{text}");
+        // Without a rank, the client's header goes through.
+        let mut out = Vec::new();
+        write_upstream_head(
+            &mut out,
+            raw,
+            &req,
+            "w:1",
+            b"id",
+            2,
+            &UpstreamHeadOpts::default(),
+        );
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .contains("X-Data-Parallel-Rank: 7\r\n"));
     }
 }
