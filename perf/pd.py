@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""P/D overhead: the router's share of TTFT in prefill/decode mode, ringrouter vs vllm-router.
+
+Mocks: 2 prefill workers whose NIXL prefill leg takes a fixed --prefill-ms, 2 decode workers
+with a fixed --decode-ttft-ms (tools/mock-vllm; its decode legs skip prefill). Each router
+in --vllm-pd-disaggregation mode over the same mocks, round_robin, driven by loadgen
+(streamed completions, short prompt, 16 tokens) at each concurrency. Baseline: the decode
+mocks' own TTFT measured directly at the same concurrency. The router's share is
+    TTFT(router) - prefill_ms - TTFT(decode direct)
+at p50 and p99, i.e. everything the router adds: two upstream exchanges, the body splices,
+reading the prefill answer, and its own scheduling (plus the prefill mock's few µs).
+
+Usage: perf/pd.py [--requests 2000] [--concurrency 16 128] [--prefill-ms 50]
+                  [--decode-ttft-ms 20]
+"""
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release")
+VLLM_ROUTER = os.path.join(ROOT, "perf", ".venv", "bin", "vllm-router")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url, timeout=120.0):
+    import urllib.request
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                if r.status == 200:
+                    return True
+        except Exception:
+            time.sleep(0.1)
+    return False
+
+
+def mocks(n, port, extra):
+    p = subprocess.Popen([f"{BIN}/mock-vllm", "--port", str(port), "--workers", str(n),
+                          "--model", "mock-model", *extra],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    urls = [f"http://127.0.0.1:{port + i}" for i in range(n)]
+    for u in urls:
+        if not wait_http(u, 10):
+            sys.exit(f"mock {u} did not start")
+    return p, urls
+
+
+def loadgen(url, conc, requests):
+    out = subprocess.run(
+        [f"{BIN}/loadgen", "--url", url, "--model", "mock-model", "--stream", "--ignore-eos",
+         "--max-tokens", "16", "--prompt-bytes", "256", "--concurrency", str(conc),
+         "--requests", str(requests), "--warmup", "1", "--json", "--quiet"],
+        capture_output=True, text=True)
+    r = json.loads(out.stdout)
+    t = r["latency_us"]["ttft"]
+    return {"p50": t["p50"], "p99": t["p99"], "rps": r["requests_per_sec"],
+            "failed": r["requests"]["failed"], "errors": r["errors"]["by_kind"]}
+
+
+def start_router(name, prefill, decode):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    args = ["--host", "127.0.0.1", "--port", str(port), "--vllm-pd-disaggregation",
+            "--policy", "round_robin"]
+    for p in prefill:
+        args += ["--prefill", p]
+    for d in decode:
+        args += ["--decode", d]
+    if name == "ringrouter":
+        cmd = [f"{BIN}/ringrouter", *args, "--no-pin-cores", "--health-check-interval-secs", "0",
+               "--load-scrape-interval-ms", "0"]
+    else:
+        cmd = [VLLM_ROUTER, *args, "--prometheus-host", "127.0.0.1",
+               "--prometheus-port", str(free_port())]
+    log = open(f"/tmp/pd-{name}.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    if not wait_http(url):
+        proc.kill()
+        sys.exit(f"{name} did not start; see /tmp/pd-{name}.log")
+    return proc, url
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[16, 128])
+    ap.add_argument("--prefill-ms", type=float, default=50)
+    ap.add_argument("--decode-ttft-ms", type=float, default=20)
+    ap.add_argument("--targets", nargs="+", default=["ringrouter", "vllm-router"])
+    a = ap.parse_args()
+    base = free_port() + 1000
+    pp, prefill = mocks(2, base, ["--prefill-ms", str(a.prefill_ms), "--threads", "2"])
+    dp, decode = mocks(2, base + 10, ["--ttft-ms", str(a.decode_ttft_ms), "--itl-ms", "1",
+                                       "--threads", "2"])
+    rows = []
+    try:
+        for c in a.concurrency:
+            direct = loadgen(decode[0], c, a.requests)
+            for name in a.targets:
+                if name == "vllm-router" and not os.path.exists(VLLM_ROUTER):
+                    print("skip vllm-router: run perf/run.py once to install it", file=sys.stderr)
+                    continue
+                proc, url = start_router(name, prefill, decode)
+                try:
+                    r = loadgen(url, c, a.requests)
+                finally:
+                    proc.send_signal(signal.SIGTERM)
+                    try:
+                        proc.wait(timeout=20)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                prefill_us = a.prefill_ms * 1000
+                rows.append({
+                    "concurrency": c, "target": name,
+                    "ttft_p50_us": r["p50"], "ttft_p99_us": r["p99"],
+                    "router_p50_us": r["p50"] - prefill_us - direct["p50"],
+                    "router_p99_us": r["p99"] - prefill_us - direct["p99"],
+                    "direct_decode_p50_us": direct["p50"], "req_per_s": r["rps"],
+                    "failed": r["failed"], "errors": r["errors"],
+                })
+    finally:
+        pp.kill()
+        dp.kill()
+    print("| concurrency | target | TTFT p50 / p99 (ms) | router's share p50 / p99 (µs) | req/s | failed |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['concurrency']} | {r['target']} | {r['ttft_p50_us']/1000:.2f} / "
+              f"{r['ttft_p99_us']/1000:.2f} | {r['router_p50_us']:,.0f} / "
+              f"{r['router_p99_us']:,.0f} | {r['req_per_s']:.0f} | {r['failed']} |")
+    os.makedirs(os.path.join(ROOT, "perf", "results"), exist_ok=True)
+    out = os.path.join(ROOT, "perf", "results", time.strftime("pd-%Y%m%d-%H%M%S.json"))
+    with open(out, "w") as f:
+        json.dump(rows, f, indent=2)
+    print(f"\n{out}")
+
+
+if __name__ == "__main__":
+    main()
