@@ -1,0 +1,110 @@
+"""The real-vLLM group runs only when real vLLM servers are up, as told by the script that
+started them (`tests/real_vllm/run.sh`, which `./test.sh` and CI call):
+
+- `REAL_VLLM_URLS`: comma-separated base URLs of two servers (one is enough for most tests);
+- `REAL_VLLM_LOGS`: their log files, same order (vLLM's own account of what it received
+  and aborted; the servers run with `--enable-log-requests`);
+- `REAL_VLLM_CTL` and `REAL_VLLM_START_ARGS`: the control script (`tools/real-vllm/real-vllm.sh`)
+  and the `start` arguments, for the test that kills and restarts a server;
+- `REAL_VLLM_MAX_NUM_SEQS`: the servers' `--max-num-seqs` (the load tests queue requests
+  beyond it).
+
+Without `REAL_VLLM_URLS` every test here is skipped, so plain `pytest` works without vLLM."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import BIN, VllmServer, gauge, get, metrics
+
+URLS = [u.strip().rstrip("/") for u in os.environ.get("REAL_VLLM_URLS", "").split(",") if u.strip()]
+LOGS = [l.strip() for l in os.environ.get("REAL_VLLM_LOGS", "").split(",") if l.strip()]
+
+
+def pytest_collection_modifyitems(config, items):
+    here = Path(__file__).parent
+    reason = None
+    if not URLS:
+        reason = "no real vLLM servers: REAL_VLLM_URLS is not set (tests/real_vllm/run.sh starts them)"
+    elif not (BIN / "ringrouter").exists():
+        reason = f"no ringrouter binary at {BIN / 'ringrouter'} (cargo build --bins)"
+    if reason is None:
+        return
+    for item in items:
+        if Path(str(item.fspath)).parent == here:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def servers() -> list[VllmServer]:
+    out = []
+    for i, u in enumerate(URLS):
+        log = Path(LOGS[i]) if i < len(LOGS) else None
+        out.append(VllmServer(u, log))
+    for s in out:
+        r = get(s.url, "/health", timeout=10)
+        assert r.status == 200, f"{s.url}/health answered {r.status}"
+    return out
+
+
+@pytest.fixture(scope="session")
+def a(servers) -> VllmServer:
+    return servers[0]
+
+
+@pytest.fixture(scope="session")
+def two(servers) -> list[VllmServer]:
+    if len(servers) < 2:
+        pytest.skip("needs two real vLLM servers in REAL_VLLM_URLS")
+    return servers[:2]
+
+
+@pytest.fixture(scope="session")
+def model(a) -> str:
+    return get(a.url, "/v1/models").json()["data"][0]["id"]
+
+
+@pytest.fixture(scope="session")
+def max_num_seqs() -> int:
+    return int(os.environ.get("REAL_VLLM_MAX_NUM_SEQS", "0") or 0)
+
+
+@pytest.fixture
+def logs(servers):
+    """Skips a test that needs the servers' logs when they are not known."""
+    if any(s.log is None or not s.log.exists() for s in servers):
+        pytest.skip("needs the servers' log files (REAL_VLLM_LOGS)")
+    return servers
+
+
+def settle(*servers: VllmServer, timeout: float = 60.0):
+    """Waits until the servers are idle and their counters have stopped moving (vLLM updates
+    its Prometheus metrics as engine outputs arrive, so they lag the engine a little)."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        snap = []
+        for s in servers:
+            m = metrics(s.url)
+            snap.append((m.get("vllm:num_requests_running", 0), m.get("vllm:num_requests_waiting", 0),
+                         m.get("vllm:generation_tokens_total", 0)))
+        idle = all(r == 0 and w == 0 for r, w, _ in snap)
+        if idle and snap == last:
+            return
+        last = snap
+        time.sleep(0.3)
+    raise AssertionError(f"servers not idle within {timeout} s: {last}")
+
+
+@pytest.fixture
+def idle(servers):
+    settle(*servers)
+    yield
+    settle(*servers)
+
+
+__all__ = ["settle", "gauge"]
