@@ -171,6 +171,15 @@ fn gauged_worker(
     name: &'static str,
     waiting: u32,
 ) -> (RawUpstream, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    slow_gauged_worker(name, waiting, std::time::Duration::ZERO)
+}
+
+/// The same, answering `/metrics` only after `delay` (as a vLLM busy generating does).
+fn slow_gauged_worker(
+    name: &'static str,
+    waiting: u32,
+    delay: std::time::Duration,
+) -> (RawUpstream, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     use std::io::Write;
     let scrapes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = scrapes.clone();
@@ -178,8 +187,9 @@ fn gauged_worker(
         while let Some((head, _)) = read_request(&mut s) {
             let body = if head.starts_with("GET /metrics") {
                 counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                std::thread::sleep(delay);
                 format!(
-                    "vllm:num_requests_waiting{{engine=\"0\",model_name=\"m\"}} {waiting}.0\nvllm:num_requests_running{{engine=\"0\",model_name=\"m\"}} 1.0\n"
+                    "vllm:num_requests_waiting{{engine=\"0\",model_name=\"m\"}} {waiting}.0\nvllm:num_requests_running{{engine=\"0\",model_name=\"m\"}} 1.0\nvllm:kv_cache_usage_perc{{engine=\"0\",model_name=\"m\"}} 0.25\n"
                 )
             } else {
                 "{}".to_string()
@@ -238,4 +248,43 @@ fn scraped_queue_depth_breaks_power_of_two_ties() {
     for i in 0..20 {
         assert_eq!(served_on_conn(&completion(&format!("{i}"))), "idle");
     }
+}
+
+/// vLLM busy generating answers `/metrics` late (seconds on a loaded host): the scrape waits
+/// for the answer rather than giving up after one interval, and `/get_loads` shows what
+/// each worker reported next to the router's own in-flight count.
+#[test]
+fn a_slow_metrics_answer_still_counts_and_get_loads_shows_it() {
+    let (slow, slow_scrapes) = slow_gauged_worker("slow", 7, std::time::Duration::from_millis(400));
+    let r = Router::start(&[
+        "--worker-urls",
+        &slow.url,
+        "--policy",
+        "power_of_two",
+        "--load-scrape-interval-ms",
+        "50",
+    ]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let reported = loop {
+        let loads = exchange(r.addr, &get("/get_loads")).json();
+        let w = &loads["workers"][0];
+        assert_eq!(w["worker"], slow.url.as_str());
+        assert_eq!(w["load"], 0);
+        if !w["reported"]["num_requests_waiting"].is_null() {
+            break w["reported"].clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no scrape of a worker answering /metrics in 400 ms was recorded"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(
+        reported,
+        serde_json::json!({"num_requests_running": 1, "num_requests_waiting": 7,
+                           "kv_cache_usage_perc": 0.25})
+    );
+    // One scrape at a time per worker, not one per interval piling up.
+    let n = slow_scrapes.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(n <= 2, "{n} scrapes started within about one slow answer");
 }

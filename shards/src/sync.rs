@@ -181,6 +181,12 @@ impl LoadBoard {
         self.reports[worker].waiting.store(waiting, Relaxed);
     }
 
+    /// Requests the worker says it is running, if it said (only `/metrics` tells).
+    pub fn running(&self, worker: usize) -> Option<u32> {
+        let v = self.reports[worker].running.load(Relaxed);
+        (v != UNKNOWN).then_some(v)
+    }
+
     pub fn set_running(&self, worker: usize, running: u32) {
         self.reports[worker].running.store(running, Relaxed);
     }

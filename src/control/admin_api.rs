@@ -1,6 +1,7 @@
 //! The worker admin API, answered from the registry: vllm-router's endpoints and shapes
 //! (`/add_worker`, `/remove_worker`, `/list_workers`, `/get_loads`, `/workers[/{url}]`);
-//! errors in the OpenAI JSON shape.
+//! errors in the OpenAI JSON shape. `/get_loads` adds to vllm-router's `load` (here: the
+//! router's requests in flight) what each worker last reported about itself.
 
 use shards::admin::{AdminCall, AdminReply};
 use shards::http::ApiError;
@@ -45,7 +46,13 @@ pub fn handle(reg: &mut Registry, call: &AdminCall) -> (AdminReply, Effect) {
             let workers: Vec<_> = reg
                 .entries()
                 .iter()
-                .map(|e| serde_json::json!({"worker": e.worker.url, "load": reg.load(&e.worker)}))
+                .map(|e| {
+                    serde_json::json!({
+                        "worker": e.worker.url,
+                        "load": reg.load(&e.worker),
+                        "reported": reg.reported_load(&e.worker),
+                    })
+                })
                 .collect();
             (
                 json(200, &serde_json::json!({ "workers": workers })),

@@ -4,6 +4,7 @@
 //! is one data-parallel rank (`http://h:p@N`) gets its own engine's gauges (`engine="N"`)
 //! from its server's page.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,62 +68,80 @@ pub fn parse_metrics_of(text: &str, engine: Option<u32>) -> LoadGauges {
     g
 }
 
+/// How long one scrape may take. Longer than the interval: a vLLM busy generating answers
+/// `/metrics` late (seconds on a loaded host), and that is exactly when its load matters;
+/// a scrape that gave up after one interval would never learn it.
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub async fn run(directory: Arc<Directory>, board: Arc<LoadBoard>, every: Duration) {
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
         .build_http();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Each worker is scraped on its own: a slow one is not scraped twice at once and does
+    // not hold up the others.
+    let mut busy: HashSet<String> = HashSet::new();
+    let mut scrapes = tokio::task::JoinSet::new();
     loop {
-        tick.tick().await;
-        let workers = directory.current();
-        let scrapes = workers.iter().map(|w| {
-            let (url, slot, rank) = (w.host_url().to_string(), w.slot, w.dp_rank);
-            let client = client.clone();
-            let board = board.clone();
-            async move {
-                let uri = match format!("{url}/metrics").parse::<hyper::Uri>() {
-                    Ok(u) => u,
-                    Err(_) => return,
-                };
-                let fetch = async {
-                    let resp = client.get(uri).await.ok()?;
-                    if !resp.status().is_success() {
-                        return None;
+        tokio::select! {
+            _ = tick.tick() => {
+                for w in directory.current().iter() {
+                    // (a data-parallel rank is its own routing target: keyed by its URL@rank)
+                    if !busy.insert(w.url.clone()) {
+                        continue;
                     }
-                    let body = resp.into_body().collect().await.ok()?.to_bytes();
-                    Some(parse_metrics_of(&String::from_utf8_lossy(&body), rank))
-                };
-                let Ok(Some(g)) =
-                    tokio::time::timeout(every.max(Duration::from_millis(200)), fetch).await
-                else {
-                    return;
-                };
-                if let Some(w) = g.waiting {
-                    board.set_waiting(slot, w as u32);
-                }
-                if let Some(r) = g.running {
-                    board.set_running(slot, r as u32);
-                }
-                if let Some(k) = g.kv_usage {
-                    board.set_kv_usage(slot, k);
+                    let (key, url, slot, rank) =
+                        (w.url.clone(), w.host_url().to_string(), w.slot, w.dp_rank);
+                    let (client, board) = (client.clone(), board.clone());
+                    scrapes.spawn(async move {
+                        if let Some(g) =
+                            scrape(&client, &url, rank, every.max(SCRAPE_TIMEOUT)).await
+                        {
+                            record(&board, slot, &g);
+                        }
+                        key
+                    });
                 }
             }
-        });
-        futures_join_all(scrapes).await;
+            Some(done) = scrapes.join_next() => {
+                if let Ok(url) = done {
+                    busy.remove(&url);
+                }
+            }
+        }
     }
 }
 
-/// Runs the scrapes concurrently and waits for all of them.
-async fn futures_join_all<F>(futs: impl Iterator<Item = F>)
-where
-    F: std::future::Future<Output = ()> + Send + 'static,
-{
-    let mut set = tokio::task::JoinSet::new();
-    for f in futs {
-        set.spawn(f);
+/// One worker's gauges, or `None` when it did not answer them in time.
+async fn scrape(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
+    url: &str,
+    rank: Option<u32>,
+    timeout: Duration,
+) -> Option<LoadGauges> {
+    let uri = format!("{url}/metrics").parse::<hyper::Uri>().ok()?;
+    let fetch = async {
+        let resp = client.get(uri).await.ok()?;
+        if !resp.status().is_success() {
+            return None;
+        }
+        let body = resp.into_body().collect().await.ok()?.to_bytes();
+        Some(parse_metrics_of(&String::from_utf8_lossy(&body), rank))
+    };
+    tokio::time::timeout(timeout, fetch).await.ok().flatten()
+}
+
+fn record(board: &LoadBoard, slot: usize, g: &LoadGauges) {
+    if let Some(w) = g.waiting {
+        board.set_waiting(slot, w as u32);
     }
-    while set.join_next().await.is_some() {}
+    if let Some(r) = g.running {
+        board.set_running(slot, r as u32);
+    }
+    if let Some(k) = g.kv_usage {
+        board.set_kv_usage(slot, k);
+    }
 }
 
 #[cfg(test)]

@@ -219,6 +219,16 @@ impl Registry {
         self.board.in_flight(w.slot)
     }
 
+    /// What `w` last reported about its load (`/metrics` gauges or its in-band
+    /// `endpoint-load-metrics` header), in vLLM's names; `null` where it never said.
+    pub fn reported_load(&self, w: &Worker) -> serde_json::Value {
+        serde_json::json!({
+            "num_requests_running": self.board.running(w.slot),
+            "num_requests_waiting": self.board.waiting(w.slot),
+            "kv_cache_usage_perc": self.board.kv_usage(w.slot),
+        })
+    }
+
     pub fn breaker_state(&self, w: &Worker) -> shards::breaker::BreakerState {
         self.breakers.state(w.slot)
     }
