@@ -516,11 +516,6 @@ async fn route_request(
         (Method::Get | Method::Head, b"/liveness") => {
             Some((200, "application/json", br#"{"status":"ok"}"#.to_vec()))
         }
-        (Method::Get | Method::Head, b"/version") => Some((
-            200,
-            "application/json",
-            format!("{{\"version\":\"{}\"}}", env!("CARGO_PKG_VERSION")).into_bytes(),
-        )),
         (_, p) if is_admin_path(p) => {
             let (status, ctype, payload) = admin_call(shard, method, p, query, b, body).await;
             Some((status, ctype, payload))
@@ -550,6 +545,8 @@ async fn route_request(
                 Err(e) => Some((400, "application/json", ApiError::bad_request(e.0).body())),
             }
         }
+        // Everything else goes to a worker, `/version` included: clients read vLLM's version
+        // through the router, as through vllm-router.
         _ => None,
     };
     if let Some((status, ctype, payload)) = local {
