@@ -60,8 +60,9 @@ impl Line {
 pub struct WorkerReport {
     pub waiting: AtomicU32,
     pub running: AtomicU32,
-    /// KV-cache usage in thousandths.
-    pub kv_permille: AtomicU32,
+    /// KV-cache usage, a fraction, as `f32` bits (thousandths would read a real vLLM's
+    /// 0.0004 as 0: a few short requests on a large cache).
+    pub kv_usage: AtomicU32,
 }
 
 pub struct LoadBoard {
@@ -89,7 +90,7 @@ impl LoadBoard {
                 .map(|_| WorkerReport {
                     waiting: AtomicU32::new(UNKNOWN),
                     running: AtomicU32::new(UNKNOWN),
-                    kv_permille: AtomicU32::new(UNKNOWN),
+                    kv_usage: AtomicU32::new(UNKNOWN),
                 })
                 .collect(),
             down_until: (0..workers).map(|_| AtomicU64::new(0)).collect(),
@@ -132,7 +133,7 @@ impl LoadBoard {
         let r = &self.reports[slot];
         r.waiting.store(UNKNOWN, Relaxed);
         r.running.store(UNKNOWN, Relaxed);
-        r.kv_permille.store(UNKNOWN, Relaxed);
+        r.kv_usage.store(UNKNOWN, Relaxed);
         self.down_until[slot].store(0, Relaxed);
     }
 
@@ -192,13 +193,16 @@ impl LoadBoard {
     }
 
     pub fn set_kv_usage(&self, worker: usize, fraction: f64) {
-        let permille = (fraction.clamp(0.0, 1.0) * 1000.0).round() as u32;
-        self.reports[worker].kv_permille.store(permille, Relaxed);
+        if fraction.is_nan() {
+            return;
+        }
+        let bits = (fraction.clamp(0.0, 1.0) as f32).to_bits();
+        self.reports[worker].kv_usage.store(bits, Relaxed);
     }
 
     pub fn kv_usage(&self, worker: usize) -> Option<f64> {
-        let v = self.reports[worker].kv_permille.load(Relaxed);
-        (v != UNKNOWN).then(|| v as f64 / 1000.0)
+        let v = self.reports[worker].kv_usage.load(Relaxed);
+        (v != UNKNOWN).then(|| f32::from_bits(v) as f64)
     }
 }
 
@@ -337,6 +341,18 @@ mod tests {
         b.mark_down(1, Duration::from_secs(60));
         b.mark_up(1);
         assert!(b.is_usable(1));
+    }
+
+    #[test]
+    fn kv_usage_keeps_small_fractions() {
+        let b = LoadBoard::new(1, 1);
+        assert_eq!(b.kv_usage(0), None);
+        b.set_kv_usage(0, 0.000_427_3);
+        assert!((b.kv_usage(0).unwrap() - 0.000_427_3).abs() < 1e-9);
+        b.set_kv_usage(0, f64::NAN);
+        assert!(b.kv_usage(0).unwrap() > 0.0, "NaN is not a report");
+        b.set_kv_usage(0, 1.5);
+        assert_eq!(b.kv_usage(0), Some(1.0));
     }
 
     #[test]
