@@ -51,6 +51,10 @@ pub struct MockConfig {
     /// Extra TTFT per KiB of prompt routing text not found in the prefix cache (all of it when
     /// the cache is off). Not charged to NIXL decode legs, whose KV comes from the prefill leg.
     pub prefill_per_kb: Duration,
+    /// Answer `/v1/embeddings` (as vLLM serving an embedding model). Off by default: vLLM
+    /// serving a generative model, as the mock does, has no such route (404
+    /// `{"detail":"Not Found"}`).
+    pub embeddings: bool,
 }
 
 impl Default for MockConfig {
@@ -76,6 +80,7 @@ impl Default for MockConfig {
             prefix_cache_blocks: 0,
             prefix_block_bytes: 64,
             prefill_per_kb: Duration::ZERO,
+            embeddings: false,
         }
     }
 }

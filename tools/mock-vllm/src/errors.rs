@@ -79,7 +79,20 @@ pub(crate) fn unknown_model(requested: &str, served: &str) -> Response<MockBody>
 
 /// FastAPI request-validation failure as vLLM reshapes it (`type` "Bad Request").
 pub(crate) fn validation(detail: &str, param: Option<&str>) -> Response<MockBody> {
-    let message = format!("1 validation error:\n  {detail}");
+    validation_errors(&[detail.to_string()], param)
+}
+
+/// Several at once: "N validation errors", one line each; `param` is the first's location.
+pub(crate) fn validation_errors(details: &[String], param: Option<&str>) -> Response<MockBody> {
+    let head = match details.len() {
+        1 => "1 validation error".to_string(),
+        n => format!("{n} validation errors"),
+    };
+    let mut message = format!("{head}:");
+    for d in details {
+        message.push_str("\n  ");
+        message.push_str(d);
+    }
     error(400, &message, "Bad Request", param)
 }
 

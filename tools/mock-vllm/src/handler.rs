@@ -24,6 +24,7 @@ use crate::prefix_cache::PrefixHit;
 use crate::request::{self, GenerationRequest, PdRole};
 use crate::state::{MockState, Received};
 use crate::stream::{Api, MockBody, SseStream, StreamPlan};
+use crate::validate;
 use crate::wire::{self, ChoiceText, Head, Usage};
 
 /// hyper's service function: every request of every connection comes through here.
@@ -80,7 +81,9 @@ async fn route(state: &Arc<MockState>, parts: &Parts, body: Bytes) -> Response<M
         "/v1/completions" if post => generation(state, parts, body, Api::Completion).await,
         "/v1/chat/completions" if post => generation(state, parts, body, Api::Chat).await,
         "/v1/responses" if post => simple(state, parts, body, Simple::Responses).await,
-        "/v1/embeddings" if post => simple(state, parts, body, Simple::Embeddings).await,
+        "/v1/embeddings" if post && state.config().embeddings => {
+            simple(state, parts, body, Simple::Embeddings).await
+        }
         "/generate" if post => simple(state, parts, body, Simple::Generate).await,
         "/tokenize" if post => simple(state, parts, body, Simple::Tokenize).await,
         "/health" if get => info::health(state),
@@ -88,10 +91,10 @@ async fn route(state: &Arc<MockState>, parts: &Parts, body: Bytes) -> Response<M
         "/v1/models" if get => info::models(state, unix_now()),
         "/load" if get => info::load(state),
         "/metrics" if get => info::metrics(state),
+        "/v1/embeddings" if state.config().embeddings => errors::method_not_allowed("POST"),
         "/v1/completions"
         | "/v1/chat/completions"
         | "/v1/responses"
-        | "/v1/embeddings"
         | "/generate"
         | "/tokenize" => errors::method_not_allowed("POST"),
         "/health" | "/version" | "/v1/models" | "/load" | "/metrics" => {
@@ -132,13 +135,15 @@ fn injected_status(state: &MockState, knobs: &Knobs) -> Option<u16> {
     (rate > 0.0 && fastrand::f64() < rate).then_some(500)
 }
 
-/// What every generation request goes through before any token: injected failures,
-/// content type, JSON, model name. `Err` is the response to send instead.
+/// What every request with a JSON body goes through first: injected failures, content
+/// type, JSON, and for completions and chat (`api`) the fields vLLM validates before it
+/// looks at the model (see `validate`). `Err` is the response to send instead.
 fn admit(
     state: &MockState,
     parts: &Parts,
     body: &[u8],
     knobs: &Knobs,
+    api: Option<Api>,
 ) -> Result<GenerationRequest, Box<Response<MockBody>>> {
     if let Some(status) = injected_status(state, knobs) {
         state.injected_errors.fetch_add(1, Relaxed);
@@ -153,19 +158,27 @@ fn admit(
     if !is_json {
         return Err(Box::new(errors::unsupported_media_type()));
     }
-    let req: GenerationRequest = match serde_json::from_slice(body) {
-        Ok(req) => req,
+    let mut value: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
         Err(e) => return Err(Box::new(errors::invalid_json(&e, body))),
     };
-    if let Some(model) = req.model.as_deref() {
-        if !model.is_empty() && model != state.config().model {
-            return Err(Box::new(errors::unknown_model(
-                model,
-                &state.config().model,
-            )));
-        }
+    if let Some(api) = api {
+        validate::check_fields(&mut value, api)?;
     }
-    Ok(req)
+    match serde_json::from_value(value) {
+        Ok(req) => Ok(req),
+        Err(e) => Err(Box::new(errors::invalid_json(&e, body))),
+    }
+}
+
+/// vLLM's 404 for a model it does not serve (an empty or absent name means the served one).
+fn check_model(state: &MockState, req: &GenerationRequest) -> Result<(), Box<Response<MockBody>>> {
+    match req.model.as_deref() {
+        Some(model) if !model.is_empty() && model != state.config().model => Err(Box::new(
+            errors::unknown_model(model, &state.config().model),
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn top_level_keys(body: &[u8]) -> usize {
@@ -199,11 +212,11 @@ async fn generation(
 ) -> Response<MockBody> {
     let config = state.config();
     let knobs = Knobs::new(config, &parts.headers);
-    let req = match admit(state, parts, &body, &knobs) {
+    let req = match admit(state, parts, &body, &knobs, Some(api)) {
         Ok(req) => req,
         Err(resp) => return *resp,
     };
-    let prompt_tokens = match api {
+    let prompts = match api {
         Api::Completion => match request::completion_prompts(req.prompt.as_ref()) {
             Some(p) => p,
             None => return errors::error(
@@ -218,11 +231,40 @@ async fn generation(
             _ => return errors::missing_field("messages", top_level_keys(&body)),
         },
     };
+    if let Err(resp) = check_model(state, &req) {
+        return *resp;
+    }
     let limit = match api {
         Api::Completion => req.max_tokens,
         Api::Chat => req.max_completion_tokens.or(req.max_tokens),
     };
-    let (tokens, finish) = token_budget(limit, knobs.tokens, config.tokens);
+    let limits = validate::Limits {
+        max_tokens: limit,
+        n: req.n,
+        temperature: req.temperature,
+        top_p: req.top_p,
+        logprobs: match api {
+            Api::Completion => req.logprobs.as_ref().and_then(Value::as_i64),
+            Api::Chat => req.top_logprobs,
+        },
+    };
+    if let Err(resp) = validate::check_limits(&limits, &prompts, config.max_model_len) {
+        return *resp;
+    }
+    // Completions: `n` choices per prompt, one after the other (choice i*n+j is prompt i's
+    // j-th); chat streams keep one choice (the mock does not interleave several).
+    let n = req.n.unwrap_or(1).max(1) as usize;
+    let streamed = req.stream.unwrap_or(false);
+    let prompt_tokens: Vec<usize> = match api {
+        Api::Completion => prompts
+            .iter()
+            .flat_map(|&p| std::iter::repeat_n(p, n))
+            .collect(),
+        Api::Chat => prompts.clone(),
+    };
+    let chat_choices = if api == Api::Chat && !streamed { n } else { 1 };
+    let (tokens, finish) =
+        token_budget(limit.map(|l| l.max(1) as u64), knobs.tokens, config.tokens);
     let prefix = state
         .models_prefill()
         .then(|| prompt_prefix(state, api, &req, body.len()));
@@ -269,15 +311,16 @@ async fn generation(
             .unwrap_or_else(|| config.model.clone()),
         fingerprint: state.fingerprint.clone(),
     };
-    let total_prompt: usize = prompt_tokens.iter().sum();
+    let total_prompt: usize = prompts.iter().sum();
     state
         .prompt_tokens_total
         .fetch_add(total_prompt as u64, Relaxed);
 
-    if req.stream.unwrap_or(false) {
+    if streamed {
         let plan = StreamPlan {
             api,
             head,
+            prompt_total: total_prompt,
             prompt_tokens,
             tokens,
             finish,
@@ -312,7 +355,7 @@ async fn generation(
     let text: String = (0..tokens).map(wire::token_text).collect();
     let usage = Usage {
         prompt: total_prompt,
-        completion: tokens * prompt_tokens.len(),
+        completion: tokens * prompt_tokens.len() * chat_choices,
     };
     let body = match api {
         Api::Completion => {
@@ -325,12 +368,19 @@ async fn generation(
                 .collect();
             wire::completion(&head, &choices, usage, kv_params.as_deref())
         }
-        Api::Chat => wire::chat(&head, &text, finish, usage, kv_params.as_deref()),
+        Api::Chat => wire::chat(
+            &head,
+            &text,
+            finish,
+            chat_choices,
+            usage,
+            kv_params.as_deref(),
+        ),
     };
     state
         .generation_tokens_total
         .fetch_add(usage.completion as u64, Relaxed);
-    state.count_success(finish, prompt_tokens.len() as u64);
+    state.count_success(finish, (prompt_tokens.len() * chat_choices) as u64);
     drop(inflight);
     let mut resp = errors::json(StatusCode::OK, body);
     if let Some(format) = parts.headers.get("endpoint-load-metrics-format") {
@@ -431,10 +481,13 @@ async fn simple(
 ) -> Response<MockBody> {
     let config = state.config();
     let knobs = Knobs::new(config, &parts.headers);
-    let req = match admit(state, parts, &body, &knobs) {
+    let req = match admit(state, parts, &body, &knobs, None) {
         Ok(req) => req,
         Err(resp) => return *resp,
     };
+    if let Err(resp) = check_model(state, &req) {
+        return *resp;
+    }
     let model = req
         .model
         .clone()
@@ -479,7 +532,7 @@ async fn simple(
                 )
             } else {
                 (
-                    req.max_tokens,
+                    req.max_tokens.map(|m| m.max(1) as u64),
                     request::completion_prompts(req.prompt.as_ref())
                         .map(|v| v.iter().sum())
                         .unwrap_or(1),

@@ -25,6 +25,7 @@ mod request;
 mod server;
 mod state;
 mod stream;
+mod validate;
 mod wire;
 
 use std::net::{SocketAddr, TcpListener as StdTcpListener};

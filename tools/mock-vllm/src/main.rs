@@ -82,6 +82,10 @@ struct Args {
     /// Extra TTFT per KiB of prompt text not in the prefix cache, microseconds.
     #[arg(long, default_value_t = 0.0)]
     prefill_us_per_kb: f64,
+    /// Answer /v1/embeddings, as vLLM serving an embedding model (default: 404, as vLLM
+    /// serving a generative model).
+    #[arg(long)]
+    embeddings: bool,
 }
 
 fn ms(v: f64) -> Duration {
@@ -110,6 +114,7 @@ impl Args {
             prefix_cache_blocks: self.prefix_cache_blocks,
             prefix_block_bytes: self.prefix_block_bytes as usize,
             prefill_per_kb: Duration::from_secs_f64(self.prefill_us_per_kb.max(0.0) / 1e6),
+            embeddings: self.embeddings,
             ..MockConfig::default()
         }
     }

@@ -1,5 +1,6 @@
 //! Reading an OpenAI request body: the few fields the mock acts on (model, stream, token
-//! limits, stream options, NIXL `kv_transfer_params`) and a prompt-token estimate (whitespace
+//! limits, `n`, the sampling parameters vLLM validates, stream options, NIXL
+//! `kv_transfer_params`) and a prompt-token estimate (whitespace
 //! words plus template overhead: the mock has no tokenizer), and the routing text the prefix
 //! cache hashes. Everything else is ignored, as vLLM ignores unknown fields.
 
@@ -19,11 +20,22 @@ pub(crate) struct GenerationRequest {
     #[serde(default)]
     pub stream: Option<bool>,
     #[serde(default)]
-    pub max_tokens: Option<u64>,
+    pub max_tokens: Option<i64>,
     #[serde(default)]
-    pub max_completion_tokens: Option<u64>,
+    pub max_completion_tokens: Option<i64>,
     #[serde(default)]
     pub max_output_tokens: Option<u64>,
+    #[serde(default)]
+    pub n: Option<i64>,
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    #[serde(default)]
+    pub top_p: Option<f64>,
+    /// Completions: sample logprobs (an int); chat: whether to return them (a bool).
+    #[serde(default)]
+    pub logprobs: Option<Value>,
+    #[serde(default)]
+    pub top_logprobs: Option<i64>,
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
     #[serde(default)]

@@ -77,8 +77,11 @@ pub(crate) enum Api {
 pub(crate) struct StreamPlan {
     pub api: Api,
     pub head: Head,
-    /// Prompt tokens of each choice (completions accept a list of prompts).
+    /// Prompt tokens of each choice (completions accept a list of prompts, and `n` choices
+    /// of each).
     pub prompt_tokens: Vec<usize>,
+    /// Prompt tokens of the request (each prompt once, whatever `n`), for the usage chunk.
+    pub prompt_total: usize,
     /// Completion tokens per choice (>= 1).
     pub tokens: usize,
     pub finish: &'static str,
@@ -202,7 +205,7 @@ impl SseStream {
                         Api::Chat => "chat.completion.chunk",
                     };
                     let usage = Usage {
-                        prompt: self.plan.prompt_tokens.iter().sum(),
+                        prompt: self.plan.prompt_total,
                         completion: self.plan.tokens * self.plan.prompt_tokens.len(),
                     };
                     self.pending

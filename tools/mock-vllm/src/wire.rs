@@ -139,24 +139,30 @@ pub(crate) fn chat(
     head: &Head,
     text: &str,
     finish: &str,
+    choices: usize,
     usage: Usage,
     kv_transfer_params: Option<&[u8]>,
 ) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(768 + text.len());
+    let mut buf = Vec::with_capacity(768 + (text.len() + 256) * choices);
     push_head(&mut buf, head, "chat.completion");
-    buf.extend_from_slice(
-        b",\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":",
-    );
-    push_str(&mut buf, text);
-    buf.extend_from_slice(
-        b",\"refusal\":null,\"annotations\":null,\"audio\":null,\"function_call\":null,\
-          \"reasoning\":null},\"logprobs\":null,",
-    );
-    push_finish(&mut buf, Some(finish));
-    buf.extend_from_slice(
-        b",\"stop_reason\":null,\"token_ids\":null,\"routed_experts\":null}],\
-          \"service_tier\":null,\"system_fingerprint\":",
-    );
+    buf.extend_from_slice(b",\"choices\":[");
+    for index in 0..choices.max(1) {
+        if index > 0 {
+            buf.push(b',');
+        }
+        buf.extend_from_slice(
+            format!("{{\"index\":{index},\"message\":{{\"role\":\"assistant\",\"content\":")
+                .as_bytes(),
+        );
+        push_str(&mut buf, text);
+        buf.extend_from_slice(
+            b",\"refusal\":null,\"annotations\":null,\"audio\":null,\"function_call\":null,\
+              \"reasoning\":null},\"logprobs\":null,",
+        );
+        push_finish(&mut buf, Some(finish));
+        buf.extend_from_slice(b",\"stop_reason\":null,\"token_ids\":null,\"routed_experts\":null}");
+    }
+    buf.extend_from_slice(b"],\"service_tier\":null,\"system_fingerprint\":");
     push_str(&mut buf, &head.fingerprint);
     buf.extend_from_slice(b",");
     push_full_usage(&mut buf, usage);
@@ -416,7 +422,7 @@ mod tests {
         for body in [
             completion(&head(), &c, u, None),
             completion(&head(), &c, u, Some(b"{\"x\":1}")),
-            chat(&head(), "hi\n", "stop", u, None),
+            chat(&head(), "hi\n", "stop", 1, u, None),
             responses("resp_1", "msg_1", 7, "m", "x", Some(2), u),
             embeddings("embd-1", 7, "m", &["a".into(), "b".into()], 4, 2),
         ] {

@@ -601,7 +601,18 @@ fn other_endpoints() {
     let r = get(m.addr(), "/health");
     assert_eq!((r.status, r.body.len()), (200, 0));
 
-    let j = post(m.addr(), "/v1/embeddings", r#"{"input":["a","b c"]}"#, &[]).json();
+    // A generative model (vLLM's and the mock's default) has no embeddings route.
+    let r = post(m.addr(), "/v1/embeddings", r#"{"input":["a","b c"]}"#, &[]);
+    assert_eq!(
+        (r.status, r.text()),
+        (404, r#"{"detail":"Not Found"}"#.to_string())
+    );
+    let e = MockServer::spawn(MockConfig {
+        embeddings: true,
+        ..MockConfig::named("emb")
+    })
+    .unwrap();
+    let j = post(e.addr(), "/v1/embeddings", r#"{"input":["a","b c"]}"#, &[]).json();
     assert_eq!(j["data"].as_array().unwrap().len(), 2);
     assert_eq!(j["data"][1]["object"], "embedding");
     let j = post(
@@ -691,4 +702,139 @@ fn many_prompts_many_choices() {
         .map(|e| e["choices"][0]["index"].clone())
         .collect();
     assert_eq!(idx, vec![0, 1, 0, 1]);
+}
+
+/// vLLM's refusals, in its order and words (the real server's, checked live by
+/// tests/real_vllm/test_real_mock.py).
+#[test]
+fn invalid_parameters_are_refused_as_vllm_refuses_them() {
+    let m = MockServer::spawn(MockConfig {
+        max_model_len: 1024,
+        ..MockConfig::named("v")
+    })
+    .unwrap();
+    let err = |path: &str, body: &str| {
+        let r = post(m.addr(), path, body, &[]);
+        let j = r.json();
+        (
+            r.status,
+            j["error"]["message"].as_str().unwrap_or("").to_string(),
+            j["error"]["type"].clone(),
+            j["error"]["param"].clone(),
+        )
+    };
+    let c = "/v1/completions";
+    let (s, msg, t, p) = err(c, r#"{"prompt":"x","max_tokens":-1}"#);
+    assert_eq!(
+        (s, t, p),
+        (400, "BadRequestError".into(), "max_tokens".into())
+    );
+    assert_eq!(
+        msg,
+        "max_tokens must be at least 1, got -1. (parameter=max_tokens, value=-1)"
+    );
+    let (_, msg, _, p) = err(c, r#"{"prompt":"x","max_tokens":5000}"#);
+    assert!(
+        msg.starts_with("max_tokens=5000 cannot be greater than max_model_len=1024."),
+        "{msg}"
+    );
+    assert_eq!(p, "max_tokens");
+    let (_, msg, _, p) = err(c, r#"{"prompt":"x","n":0,"top_p":0,"temperature":-1}"#);
+    assert_eq!(
+        (msg.as_str(), p),
+        ("n must be at least 1, got 0.", serde_json::Value::Null)
+    );
+    let (_, msg, _, _) = err(c, r#"{"prompt":"x","top_p":0,"temperature":-1}"#);
+    assert_eq!(
+        msg,
+        "temperature must be non-negative, got -1.0. (parameter=temperature, value=-1.0)"
+    );
+    let (_, msg, _, _) = err(c, r#"{"prompt":"x","top_p":0}"#);
+    assert_eq!(
+        msg,
+        "top_p must be in (0, 1], got 0.0. (parameter=top_p, value=0.0)"
+    );
+    let (_, msg, _, p) = err(c, r#"{"prompt":"x","logprobs":50}"#);
+    assert!(msg.starts_with("Requested sample logprobs of 50"), "{msg}");
+    assert_eq!(p, "logprobs");
+    let (_, msg, _, p) = err(
+        c,
+        r#"{"prompt":"x","stream_options":{"include_usage":true},"max_tokens":"many"}"#,
+    );
+    assert!(
+        msg.starts_with("Stream options can only be defined"),
+        "{msg}"
+    );
+    assert_eq!(p, "stream_options");
+    let long = format!(r#"{{"prompt":"{}"}}"#, "hello ".repeat(2000));
+    let (_, msg, _, p) = err(c, &long);
+    assert!(
+        msg.contains("your prompt contains at least 1025 input tokens"),
+        "{msg}"
+    );
+    assert_eq!(p, "input_tokens");
+    // pydantic's type errors, all at once, the first one's location as param
+    let (s, msg, t, p) = err(
+        "/v1/chat/completions",
+        r#"{"max_tokens":"many","stream":"maybe"}"#,
+    );
+    assert_eq!(
+        (s, t, p),
+        (400, "Bad Request".into(), "body.messages".into())
+    );
+    assert!(
+        msg.starts_with("3 validation errors:\n  {'type': 'missing', 'loc': 'body.messages'"),
+        "{msg}"
+    );
+    assert!(msg.contains("{'type': 'int_parsing', 'loc': 'body.max_tokens', 'msg': 'Input should be a valid integer, unable to parse string as an integer', 'input': 'many'}"), "{msg}");
+    assert!(
+        msg.contains("'type': 'bool_parsing', 'loc': 'body.stream'"),
+        "{msg}"
+    );
+    // ... and its lax mode: these are fine
+    let r = post(
+        m.addr(),
+        c,
+        r#"{"prompt":"x","max_tokens":"2","stream":"yes","temperature":"0"}"#,
+        &[],
+    );
+    assert_eq!(r.status, 200);
+    assert!(r.text().ends_with("data: [DONE]\n\n"), "{}", r.text());
+    // the prompt is checked before the model, the model before the limits
+    assert_eq!(err(c, r#"{"model":"other"}"#).3, "prompt");
+    assert_eq!(
+        err(c, r#"{"model":"other","prompt":"x","max_tokens":-1}"#).0,
+        404
+    );
+}
+
+#[test]
+fn n_choices_per_prompt() {
+    let m = mock();
+    let j = post(
+        m.addr(),
+        "/v1/completions",
+        r#"{"prompt":["a","b c"],"max_tokens":2,"n":2}"#,
+        &[],
+    )
+    .json();
+    let idx: Vec<u64> = j["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(idx, vec![0, 1, 2, 3]);
+    assert_eq!(j["usage"]["prompt_tokens"], 5);
+    assert_eq!(j["usage"]["completion_tokens"], 8);
+    let j = post(
+        m.addr(),
+        "/v1/chat/completions",
+        r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":2,"n":3}"#,
+        &[],
+    )
+    .json();
+    assert_eq!(j["choices"].as_array().unwrap().len(), 3);
+    assert_eq!(j["choices"][2]["index"], 2);
+    assert_eq!(j["usage"]["completion_tokens"], 6);
 }
