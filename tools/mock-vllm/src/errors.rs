@@ -96,8 +96,15 @@ pub(crate) fn validation_errors(details: &[String], param: Option<&str>) -> Resp
     error(400, &message, "Bad Request", param)
 }
 
-/// Invalid JSON body: vLLM reports pydantic's `json_invalid` at a character offset.
+/// Invalid JSON body: vLLM reports pydantic's `json_invalid` at a character offset (and
+/// no body at all as a missing one).
 pub(crate) fn invalid_json(e: &serde_json::Error, body: &[u8]) -> Response<MockBody> {
+    if body.is_empty() {
+        return validation(
+            "{'type': 'missing', 'loc': 'body', 'msg': 'Field required', 'input': 'None'}",
+            Some("body"),
+        );
+    }
     if !e.is_syntax() && !e.is_eof() {
         // Well-formed JSON of the wrong shape (e.g. a string where a number belongs).
         let msg = e.to_string().replace('\'', "\"");
@@ -105,19 +112,65 @@ pub(crate) fn invalid_json(e: &serde_json::Error, body: &[u8]) -> Response<MockB
             format!("{{'type': 'value_error', 'loc': 'body', 'msg': '{msg}', 'input': '<body>'}}");
         return validation(&detail, Some("body"));
     }
-    let offset = offset_of(body, e.line(), e.column());
+    let (cause, offset) = python_json_error(e, body);
     let loc = format!("body.{offset}");
-    let cause = e.to_string();
-    let cause = cause
-        .split(" at line")
-        .next()
-        .unwrap_or("")
-        .replace('\'', "\"");
+    // Python quotes a message holding a single quote with double quotes.
+    let cause = if cause.contains('\'') {
+        format!("\"{cause}\"")
+    } else {
+        format!("'{cause}'")
+    };
     let detail = format!(
         "{{'type': 'json_invalid', 'loc': '{loc}', 'msg': 'JSON decode error', \
-         'input': '<dict of 0 items>', 'ctx': {{'error': '{cause}'}}}}"
+         'input': '<dict of 0 items>', 'ctx': {{'error': {cause}}}}}"
     );
     validation(&detail, Some(&loc))
+}
+
+/// serde_json's syntax error as Python's `json` module words it (vLLM decodes bodies with
+/// it), and the character offset Python gives: where the bad token starts (serde points at
+/// the character after it, except at the end of the input).
+fn python_json_error(e: &serde_json::Error, body: &[u8]) -> (String, usize) {
+    let msg = e.to_string();
+    let end = offset_of(body, e.line(), e.column());
+    let at = if e.is_eof() {
+        end
+    } else {
+        end.saturating_sub(1)
+    };
+    let cause = msg.split(" at line").next().unwrap_or("");
+    let python = if cause.starts_with("EOF while parsing a string") {
+        // Python points at the opening quote.
+        let open = body[..at.min(body.len())]
+            .iter()
+            .rposition(|&b| b == b'"')
+            .unwrap_or(0);
+        return ("Unterminated string starting at".to_string(), open);
+    } else if cause.starts_with("EOF while parsing an object")
+        || cause == "key must be a string"
+        || cause.starts_with("trailing comma")
+    {
+        "Expecting property name enclosed in double quotes"
+    } else if cause == "expected `:`" {
+        "Expecting ':' delimiter"
+    } else if cause.starts_with("expected `,` or") {
+        "Expecting ',' delimiter"
+    } else if cause == "trailing characters" {
+        "Extra data"
+    } else if cause.starts_with("EOF while parsing a list")
+        && body[..at.min(body.len())]
+            .iter()
+            .rev()
+            .find(|b| !b.is_ascii_whitespace())
+            .is_some_and(|&b| b != b'[' && b != b',')
+    {
+        "Expecting ',' delimiter"
+    } else if cause.starts_with("EOF while parsing") || cause.starts_with("expected value") {
+        "Expecting value"
+    } else {
+        return (cause.replace('\'', "\""), at);
+    };
+    (python.to_string(), at)
 }
 
 fn offset_of(body: &[u8], line: usize, column: usize) -> usize {

@@ -9,7 +9,7 @@
 //! 3. (in the handler) a completion without a prompt, then an unknown model (404);
 //! 4. `max_tokens` above max_model_len, a prompt longer than max_model_len (by the mock's
 //!    estimate), then the sampling parameters: `n`, `temperature`, `top_p`, `max_tokens`,
-//!    `logprobs`.
+//!    `logprobs`, and `n` > 1 with greedy sampling.
 
 use hyper::Response;
 use serde_json::Value;
@@ -278,6 +278,15 @@ pub(crate) fn check_limits(
             )));
         }
     }
+    // Several samples of a greedy (temperature 0) request would all be the same.
+    if let (Some(n), Some(t)) = (limits.n, limits.temperature) {
+        if n > 1 && t < 1e-5 {
+            return Err(Box::new(bad_request(
+                &format!("n must be 1 when using greedy sampling, got {n}."),
+                None,
+            )));
+        }
+    }
     Ok(())
 }
 
@@ -350,7 +359,7 @@ mod tests {
         let ok = Limits {
             max_tokens: Some(8192),
             n: Some(2),
-            temperature: Some(0.0),
+            temperature: Some(0.7),
             top_p: Some(1.0),
             logprobs: Some(20),
         };

@@ -800,6 +800,29 @@ fn invalid_parameters_are_refused_as_vllm_refuses_them() {
     );
     assert_eq!(r.status, 200);
     assert!(r.text().ends_with("data: [DONE]\n\n"), "{}", r.text());
+    let (_, msg, _, p) = err(c, r#"{"prompt":"x","n":2,"temperature":0}"#);
+    assert_eq!(
+        (msg.as_str(), p),
+        (
+            "n must be 1 when using greedy sampling, got 2.",
+            serde_json::Value::Null
+        )
+    );
+    // Python's json module's words and offsets for bad JSON
+    let (_, msg, _, p) = err(c, r#"{"model":"tiny" "prompt":1}"#);
+    assert!(
+        msg.contains("'loc': 'body.16'") && msg.contains(r#""Expecting ',' delimiter""#),
+        "{msg}"
+    );
+    assert_eq!(p, "body.16");
+    let (_, msg, _, _) = err(c, r#"{"model":"ti"#);
+    assert!(
+        msg.contains("'loc': 'body.9'") && msg.contains("'Unterminated string starting at'"),
+        "{msg}"
+    );
+    let (_, msg, _, p) = err(c, "");
+    assert!(msg.contains("'type': 'missing', 'loc': 'body'"), "{msg}");
+    assert_eq!(p, "body");
     // the prompt is checked before the model, the model before the limits
     assert_eq!(err(c, r#"{"model":"other"}"#).3, "prompt");
     assert_eq!(
