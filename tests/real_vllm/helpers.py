@@ -363,6 +363,15 @@ class Router:
     def log(self) -> str:
         return "".join(self.stderr_lines)
 
+    def loads(self) -> dict[str, dict]:
+        """`GET /get_loads`, per worker URL: `load` (the router's requests in flight) and
+        `reported` (what the worker last said about its load: running, waiting, KV usage)."""
+        return {w["worker"]: w for w in get(self.url, "/get_loads", timeout=10).json()["workers"]}
+
+    def workers(self) -> dict[str, dict]:
+        """`GET /workers`, per worker URL (health, breaker, load)."""
+        return {w["url"]: w for w in get(self.url, "/workers", timeout=10).json()["workers"]}
+
     def stop(self):
         if self.proc.poll() is None:
             self.proc.kill()
@@ -378,8 +387,9 @@ def ringrouter_help() -> str:
 
 
 class Tap:
-    """A plain TCP relay on 127.0.0.1 in front of `target`, recording every byte the
-    target sends back, per connection: what vLLM sent, to hold the router's output against."""
+    """A plain TCP relay on 127.0.0.1 in front of `target`, recording every byte each side
+    sends, per connection: what vLLM sent, to hold the router's output against (and what
+    it was asked, to tell a request from the router's health checks)."""
 
     def __init__(self, target: str):
         self.target = url_addr(target)
@@ -388,6 +398,7 @@ class Tap:
         self.lsock.listen(64)
         self.url = "http://127.0.0.1:%d" % self.lsock.getsockname()[1]
         self.received: list[bytearray] = []  # per connection, target -> router
+        self.sent: list[bytearray] = []  # per connection, router -> target
         self.lock = threading.Lock()
         self.closed = False
         threading.Thread(target=self._accept, daemon=True).start()
@@ -403,10 +414,11 @@ class Tap:
             except OSError:
                 c.close()
                 continue
-            rec = bytearray()
+            rec, req = bytearray(), bytearray()
             with self.lock:
                 self.received.append(rec)
-            threading.Thread(target=self._pump, args=(c, u, None), daemon=True).start()
+                self.sent.append(req)
+            threading.Thread(target=self._pump, args=(c, u, req), daemon=True).start()
             threading.Thread(target=self._pump, args=(u, c, rec), daemon=True).start()
 
     def _pump(self, src, dst, rec):
@@ -427,10 +439,51 @@ class Tap:
             except OSError:
                 pass
 
-    def responses(self) -> list[bytes]:
+    def responses(self, method_path: bytes | None = None) -> list[bytes]:
+        """What the target sent back, per connection; with `method_path` (b"POST /v1/..."),
+        only on connections whose first request was that."""
         with self.lock:
-            return [bytes(r) for r in self.received]
+            return [bytes(r) for r, q in zip(self.received, self.sent)
+                    if method_path is None or bytes(q).startswith(method_path + b" ")]
 
     def close(self):
         self.closed = True
         self.lsock.close()
+
+
+class Flood:
+    """`n` long completions sent straight to a server (past the router), read in the
+    background; `close()` disconnects them all, which makes vLLM abort them. Not streamed by
+    default: the tiny model generates faster than vLLM's API server can write SSE events, and
+    a server busy writing them answers /metrics only after seconds."""
+
+    def __init__(self, url: str, model: str, n: int, max_tokens: int = 4000, tag: str = "flood",
+                 stream: bool = False):
+        self.conns = []
+        self.stop = threading.Event()
+        body = json.dumps({"model": model, "prompt": f"{tag} hello world", "max_tokens": max_tokens,
+                           "ignore_eos": True, "stream": stream}).encode()
+        for i in range(n):
+            c = Conn(url, timeout=120)
+            host = "%s:%d" % c.addr
+            c.send(build_request("POST", "/v1/completions", host, body,
+                                 {"X-Request-Id": f"{tag}-{i}-{time.monotonic_ns()}"}))
+            self.conns.append(c)
+            threading.Thread(target=self._drain, args=(c,), daemon=True).start()
+
+    def _drain(self, c: Conn):
+        try:
+            while not self.stop.is_set():
+                if not c.sock.recv(65536):
+                    return
+        except OSError:
+            return
+
+    def close(self):
+        self.stop.set()
+        for c in self.conns:
+            try:
+                c.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()

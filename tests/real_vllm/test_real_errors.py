@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from helpers import Router, comparable_headers, http, post
+from helpers import Router, comparable_headers, get, http, post
 
 MSGS = [{"role": "user", "content": "hi"}]
 
@@ -23,13 +23,13 @@ def router(servers):
 
 def vllm_errors(model):
     C, CH = "/v1/completions", "/v1/chat/completions"
-    long_prompt = "hello " * 1500  # > max_model_len (1024) tokens
+    long_prompt = "hello " * 9000  # > max_model_len (8192) tokens
     return {
         "unknown-model": ("POST", C, {"model": "no-such-model", "prompt": "x", "max_tokens": 1}, None, 404),
         "unknown-model-chat-stream": ("POST", CH, {"model": "no-such-model", "messages": MSGS, "stream": True},
                                       None, 404),
         "max-tokens-negative": ("POST", C, {"model": model, "prompt": "x", "max_tokens": -1}, None, 400),
-        "max-tokens-over-context": ("POST", C, {"model": model, "prompt": "x", "max_tokens": 5000}, None, 400),
+        "max-tokens-over-context": ("POST", C, {"model": model, "prompt": "x", "max_tokens": 100000}, None, 400),
         "temperature-negative-stream": ("POST", CH, {"model": model, "messages": MSGS, "temperature": -1,
                                                      "stream": True}, None, 400),
         "top-p-zero": ("POST", C, {"model": model, "prompt": "x", "top_p": 0}, None, 400),
@@ -41,6 +41,8 @@ def vllm_errors(model):
         "missing-prompt": ("POST", C, {"model": model}, None, 400),
         "missing-messages": ("POST", CH, {"model": model}, None, 400),
         "wrong-type": ("POST", C, {"model": model, "prompt": "x", "max_tokens": "many"}, None, 400),
+        "stream-not-a-boolean": ("POST", C, {"model": model, "prompt": "x", "stream": "maybe"}, None, 400),
+        "two-type-errors": ("POST", CH, {"model": model, "max_tokens": "many", "n": "a"}, None, 400),
         "wrong-content-type": ("POST", C, json.dumps({"model": model, "prompt": "x"}).encode(),
                                {"Content-Type": "text/plain"}, 400),
         "get-on-post-route": ("GET", C, None, None, 405),
@@ -109,9 +111,22 @@ def test_router_errors_have_vllms_shape(a, router, model, vllm_error_shape):
     assert shape(post(a.url, "/v1/completions", b'{"model":').json()) == vllm_error_shape
 
 
-def test_router_error_when_no_worker_answers(model, vllm_error_shape):
+def test_router_error_when_no_worker_is_healthy(model, vllm_error_shape):
+    """With health checks (the default), a worker that never answered is not routed to."""
     r = Router([f"http://127.0.0.1:{closed_port()}"], "--policy", "round_robin",
                "--load-scrape-interval-ms", "0")
+    try:
+        resp = post(r.url, "/v1/completions", {"model": model, "prompt": "x", "max_tokens": 1})
+        assert_router_error(resp, 503, vllm_error_shape)
+        assert get(r.url, "/health").status == 503
+    finally:
+        r.stop()
+
+
+def test_router_error_when_no_worker_answers(model, vllm_error_shape):
+    """Health checks off: the router tries the worker, which refuses: 502."""
+    r = Router([f"http://127.0.0.1:{closed_port()}"], "--policy", "round_robin",
+               "--load-scrape-interval-ms", "0", "--health-check-interval-secs", "0")
     try:
         resp = post(r.url, "/v1/completions", {"model": model, "prompt": "x", "max_tokens": 1})
         assert_router_error(resp, 502, vllm_error_shape)
