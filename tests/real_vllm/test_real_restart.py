@@ -1,13 +1,16 @@
 """A real vLLM killed under load and started again: the requests that had not started on it
 land on the other server (the router retries a refused or reset connection elsewhere before
-any byte reached the client), its health checks take it out of routing, and once it is
-healthy again (two good checks) requests reach it again. vLLM's logs say which server got
+any byte reached the client), a stream it was writing ends with vLLM's in-band error event
+and [DONE], its health checks take it out of routing, and once it is healthy again (two
+good checks) requests reach it again. vLLM's logs say which server got
 each request (`--enable-log-requests`). Runs last (file name): it restarts a server, which
 takes about two minutes."""
 
 from __future__ import annotations
 
+import json
 import os
+from collections import Counter
 import shlex
 import subprocess
 import threading
@@ -17,7 +20,7 @@ import uuid
 import pytest
 
 from conftest import settle
-from helpers import Router, get, post, wait_for
+from helpers import Conn, Router, build_request, get, post, wait_for
 
 CTL = os.environ.get("REAL_VLLM_CTL", "")
 START_ARGS = shlex.split(os.environ.get("REAL_VLLM_START_ARGS", ""))
@@ -86,6 +89,15 @@ def test_killed_vllm_is_routed_around_and_rejoins_after_health_checks(two, logs,
         wait_for(lambda: all(any(s.saw_request(rid, offsets[i]) for *_, rid in load.since(0))
                              for i, s in enumerate(two)), 30, every=0.2, what="both servers serve")
 
+        # A stream on B when it dies (through a router of its own, to be sure it is on B).
+        only_b = Router([b.url], "--policy", "round_robin", "--load-scrape-interval-ms", "0",
+                        "--health-check-interval-secs", "0")
+        stream = Conn(only_b.url, timeout=60)
+        stream.send(build_request("POST", "/v1/completions", "x", json.dumps(
+            {"model": model, "prompt": "dying", "max_tokens": 8000, "ignore_eos": True,
+             "stream": True}).encode()))
+        assert stream.read_head()[0] == 200
+        assert stream.read_chunk() is not None
         kill_from = time.monotonic()
         out = ctl(b.port, "kill")
         assert out.returncode == 0, out.stdout + out.stderr
@@ -105,8 +117,22 @@ def test_killed_vllm_is_routed_around_and_rejoins_after_health_checks(two, logs,
         missing = [rid for *_, rid in after_kill if f"-{rid}" not in a_log]
         assert not missing, f"not logged by A: {missing[:5]}"
         in_flight_at_kill = [x for x in load.since(kill_from - 60) if x[0] < killed_at and x[1] > kill_from]
+        # The stream ends with vLLM's in-band error event and [DONE] rather than a hang or a
+        # silently short answer (its bytes so far were relayed as they came).
+        chunks = []
+        while (c := stream.read_chunk()) is not None:
+            chunks.append(c[1])
+        stream.close()
+        only_b.stop()
+        events = [e for e in b"".join(chunks).split(b"\n\n") if e]
+        assert events[-1] == b"data: [DONE]", events[-3:]
+        err = json.loads(events[-2][len(b"data: "):])
+        assert list(err) == ["error"] and list(err["error"]) == ["message", "type", "param", "code"], err
+        assert (err["error"]["type"], err["error"]["code"]) == ("BadGatewayError", 502), err
+        assert events[-2].startswith(b'data: {"error": {"message": '), "json.dumps spacing, as vLLM's"
         print(f"\nkill: {len(after_kill)} requests after it, all 200 on A; {len(in_flight_at_kill)} in "
-              f"flight during the kill: statuses {[x[2] for x in in_flight_at_kill]}; marked unhealthy "
+              f"flight while the script killed it: statuses {dict(Counter(x[2] for x in in_flight_at_kill))}; "
+              f"marked unhealthy "
               f"{marked_at - kill_from:.1f} s after the kill")
 
         # Start B again (about two minutes here). The load keeps going on A meanwhile,
