@@ -396,10 +396,9 @@ fn connection_close_forces_reconnects() {
 
 #[test]
 fn connect_errors_when_nobody_listens() {
-    let addr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    // Port 1 (tcpmux): nobody listens there. A port bound and released here could be
+    // taken at once by another test's server running in parallel.
+    let addr: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
     let (code, r) = loadgen(
         addr,
         &["--model", MODEL, "--requests", "3", "--fail-on-error"],
