@@ -455,14 +455,17 @@ class Flood:
     """`n` long completions sent straight to a server (past the router), read in the
     background; `close()` disconnects them all, which makes vLLM abort them. Not streamed by
     default: the tiny model generates faster than vLLM's API server can write SSE events, and
-    a server busy writing them answers /metrics only after seconds."""
+    a server busy writing them answers /metrics only after seconds. `choices` > 1 asks for that
+    many sequences in each request (OpenAI's `n`): vLLM runs them side by side, so one request
+    fills that many running slots at once, with no gap between arrivals (a busy vLLM API server
+    on a small host may read the next connection seconds after the previous one)."""
 
     def __init__(self, url: str, model: str, n: int, max_tokens: int = 4000, tag: str = "flood",
-                 stream: bool = False):
+                 stream: bool = False, choices: int = 1):
         self.conns = []
         self.stop = threading.Event()
         body = json.dumps({"model": model, "prompt": f"{tag} hello world", "max_tokens": max_tokens,
-                           "ignore_eos": True, "stream": stream}).encode()
+                           "ignore_eos": True, "stream": stream, "n": choices}).encode()
         for i in range(n):
             c = Conn(url, timeout=120)
             host = "%s:%d" % c.addr

@@ -134,7 +134,8 @@ def test_router_reads_vllms_gauges_from_metrics(two, model, max_num_seqs, idle):
         wait_for(lambda: reported(r, a) == idle_view and reported(r, b) == idle_view, 10,
                  every=0.1, what="the router reads both servers idle")
         sampler = Sampler(r)
-        flood = Flood(a.url, model, n, tag="gauge")
+        # n sequences in n / max_num_seqs requests: A full at once, the rest queued behind
+        flood = Flood(a.url, model, n // max_num_seqs, tag="gauge", choices=max_num_seqs)
         offsets = [s.log_size() for s in two]
         rids = []
         deadline = time.monotonic() + 60
@@ -178,7 +179,7 @@ def test_router_reads_vllms_gauges_from_metrics(two, model, max_num_seqs, idle):
 
 def test_router_reads_the_in_band_load_report(two, logs, model, max_num_seqs, idle):
     """Scraping off: only vLLM's endpoint-load-metrics header can tell the router. A fills
-    its running slots (F1, sent directly); a burst of short requests goes through the
+    its running slots (F1: one request sent directly, with `n` = A's slots); a burst of short requests goes through the
     router, about half to A, where they queue behind F1; more requests (F2, direct) queue
     behind them. When A answers the router's requests, F2 is still waiting, and A's
     answers say so: the router's /get_loads shows it, and every later request goes to B."""
@@ -191,7 +192,8 @@ def test_router_reads_the_in_band_load_report(two, logs, model, max_num_seqs, id
             assert reported(r, s) == {"num_requests_running": None, "num_requests_waiting": None,
                                       "kv_cache_usage_perc": None}, "no scrape, nothing reported yet"
         offsets = [s.log_size() for s in two]
-        f1 = Flood(a.url, model, max_num_seqs, max_tokens=4000, tag="inband-f1")
+        # as long as the context allows (8192): F1 must outlast the burst's arrival and F2's
+        f1 = Flood(a.url, model, 1, max_tokens=8000, tag="inband-f1", choices=max_num_seqs)
         wait_for(lambda: metrics(a.url).get("vllm:num_requests_running", 0) == max_num_seqs, 20,
                  every=0.02, what="F1 runs on A")
         burst, results = [f"burst-{uuid.uuid4().hex[:8]}-{i}" for i in range(6)], {}
@@ -208,7 +210,7 @@ def test_router_reads_the_in_band_load_report(two, logs, model, max_num_seqs, id
         wait_for(lambda: any(a.saw_request(rid, offsets[0]) for rid in burst), 20, every=0.02,
                  what="the burst reaches A")
         time.sleep(0.2)
-        f2 = Flood(a.url, model, n, tag="inband-f2")
+        f2 = Flood(a.url, model, n // max_num_seqs, tag="inband-f2", choices=max_num_seqs)
         for t in threads:
             t.join(120)
         assert all(results[rid].status == 200 for rid in burst)
