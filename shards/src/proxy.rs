@@ -1166,7 +1166,7 @@ async fn attempt<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     w: &Worker,
 ) -> Attempt {
     let close = !b.head.keep_alive;
-    let pooled = shard.pool.borrow_mut().take(w.slot);
+    let pooled = shard.pool.borrow_mut().take(w.slot, w.addr);
     let (mut up, reused) = match pooled {
         Some(s) => (s, true),
         // Boxed: a connect (with its timer) is the largest state here and the rarest.
@@ -1560,7 +1560,7 @@ async fn relay_body<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     // Back to the pool only if the worker is still in the set now (it may have been
     // removed while this response streamed).
     if reusable && shard.current_workers().contains(worker) {
-        shard.pool.borrow_mut().put(worker.slot, up);
+        shard.pool.borrow_mut().put(worker.slot, worker.addr, up);
     }
     if b.upbuf.capacity() > KEEP_BETWEEN_REQUESTS {
         b.upbuf = Vec::new();

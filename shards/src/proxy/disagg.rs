@@ -385,7 +385,7 @@ async fn read_response<W: Future<Output = BufResult<usize, Vec<u8>>>>(
             .as_ref()
             .is_some_and(|pd| pd.prefill.borrow().contains(worker));
         if member {
-            shard.pool.borrow_mut().put(worker.slot, up);
+            shard.pool.borrow_mut().put(worker.slot, worker.addr, up);
         }
     }
     Ok(body)

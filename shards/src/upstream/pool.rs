@@ -2,6 +2,7 @@
 //! threads). A connection enters the pool only after its response ended cleanly; one that
 //! sat idle too long, or that the worker closed meanwhile, is discarded on the way out.
 
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
@@ -10,6 +11,9 @@ use monoio::net::TcpStream;
 struct Idle {
     stream: TcpStream,
     since: Instant,
+    /// Where it goes: a slot may pass to another worker, whose requests must not go
+    /// over the previous holder's connections.
+    addr: SocketAddr,
 }
 
 pub struct Pool {
@@ -32,10 +36,15 @@ impl Pool {
         }
     }
 
-    /// The most recently used live idle connection to `worker`, if any.
-    pub fn take(&mut self, worker: usize) -> Option<TcpStream> {
+    /// The most recently used live idle connection to `worker` (at `addr`), if any.
+    pub fn take(&mut self, worker: usize, addr: SocketAddr) -> Option<TcpStream> {
         let list = &mut self.idle[worker];
         while let Some(idle) = list.pop() {
+            if idle.addr != addr {
+                // The slot's previous holder's: all of them are.
+                list.clear();
+                return None;
+            }
             if idle.since.elapsed() < self.idle_timeout && still_open(&idle.stream) {
                 self.reused += 1;
                 return Some(idle.stream);
@@ -44,15 +53,19 @@ impl Pool {
         None
     }
 
-    pub fn put(&mut self, worker: usize, stream: TcpStream) {
+    pub fn put(&mut self, worker: usize, addr: SocketAddr, stream: TcpStream) {
         let list = &mut self.idle[worker];
         if list.len() >= self.max_idle_per_worker {
             // Drop the oldest: it is the likeliest to have been closed by the worker.
             list.remove(0);
         }
+        if list.first().is_some_and(|i| i.addr != addr) {
+            list.clear();
+        }
         list.push(Idle {
             stream,
             since: Instant::now(),
+            addr,
         });
     }
 
