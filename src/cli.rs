@@ -150,6 +150,21 @@ pub struct Cli {
     #[arg(long)]
     pub demo: bool,
 
+    /// Address of the Prometheus metrics endpoint (`GET /metrics`).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub prometheus_host: IpAddr,
+
+    /// Port of the Prometheus metrics endpoint [default: 29000; 0: any free port, printed
+    /// at start]. When the default port is taken the router starts without metrics (and
+    /// says so); a port given here that cannot be bound fails the start.
+    #[arg(long)]
+    pub prometheus_port: Option<u16>,
+
+    /// [ringrouter] One log line per request (target `ringrouter::access`): request id,
+    /// route, status, worker(s), attempts, error type, time to first token, total time.
+    #[arg(long)]
+    pub access_log: bool,
+
     #[command(flatten)]
     pub reliability: ReliabilityArgs,
 
@@ -374,6 +389,7 @@ impl Cli {
         cfg.stream_idle_timeout = Duration::from_secs(r.stream_idle_timeout_secs);
         cfg.client_api_keys = r.client_api_keys.clone();
         cfg.worker_api_key = r.api_key.clone();
+        cfg.access_log = self.access_log;
         cfg
     }
 

@@ -18,6 +18,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(format!("{},monoio=warn", cli.log_level)));
+    // The access log is asked for on its own: it shows whatever the level.
+    let filter = if cli.access_log {
+        filter.add_directive("ringrouter::access=info".parse().expect("a directive"))
+    } else {
+        filter
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
@@ -109,6 +115,7 @@ fn main() -> ExitCode {
         plane.directory.clone(),
         plane.board.clone(),
         plane.breakers.clone(),
+        plane.metrics.clone(),
         cli.health_config(),
     );
     use control::membership::Role;
@@ -141,6 +148,30 @@ fn main() -> ExitCode {
     registry.publish();
     let scrape = (cli.uses_load() && cli.load_scrape_interval_ms > 0)
         .then(|| std::time::Duration::from_millis(cli.load_scrape_interval_ms));
+    let prometheus = match bind_prometheus(&cli) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let metrics_addr = prometheus.as_ref().and_then(|l| l.local_addr().ok());
+    let prometheus = prometheus.map(|listener| {
+        let pd = cli.pd_disaggregation;
+        let sources = control::metrics::Sources {
+            metrics: plane.metrics.clone(),
+            breakers: plane.breakers.clone(),
+            board: plane.board.clone(),
+            shards: plane.shards.clone(),
+            policy: if pd {
+                cli.decode_policy.unwrap_or(cli.policy)
+            } else {
+                cli.policy
+            },
+            prefill_policy: pd.then(|| cli.prefill_policy.unwrap_or(cli.policy)),
+        };
+        (listener, sources)
+    });
     let (membership_tx, membership_rx) = tokio::sync::mpsc::unbounded_channel();
     let health_timeout = cli.health_config().timeout;
     let first_round = control::start(control::Control {
@@ -153,6 +184,7 @@ fn main() -> ExitCode {
         scrape_every: scrape,
         discovery,
         pd_mode,
+        prometheus,
     });
     // Scripts wait for the "listening" line: let the first health checks decide which
     // workers are routable before it (bounded by the check timeout).
@@ -173,6 +205,9 @@ fn main() -> ExitCode {
     );
     // One plain line on stdout for scripts and tests to wait for.
     let mut out = std::io::stdout().lock();
+    if let Some(a) = metrics_addr {
+        let _ = writeln!(out, "ringrouter metrics on http://{a}/metrics");
+    }
     let _ = writeln!(out, "ringrouter listening on http://{}", plane.local_addr);
     if demo.is_some() {
         let _ = writeln!(out, "{}", demo::curl_line(plane.local_addr));
@@ -183,6 +218,23 @@ fn main() -> ExitCode {
         &plane,
         std::time::Duration::from_secs(cli.shutdown_grace_secs),
     )
+}
+
+/// The Prometheus endpoint's socket. The default port taken (another router on the host)
+/// is a warning and no metrics; a port asked for that cannot be bound is an error.
+fn bind_prometheus(cli: &Cli) -> Result<Option<std::net::TcpListener>, String> {
+    let port = cli.prometheus_port.unwrap_or(29000);
+    let addr = std::net::SocketAddr::new(cli.prometheus_host, port);
+    match std::net::TcpListener::bind(addr) {
+        Ok(l) => Ok(Some(l)),
+        Err(e) if cli.prometheus_port.is_none() => {
+            tracing::warn!(%addr, error = %e, "cannot serve metrics on the default port; running without them (set --prometheus-port)");
+            Ok(None)
+        }
+        Err(e) => Err(format!(
+            "--prometheus-host/--prometheus-port: cannot listen on {addr}: {e}"
+        )),
+    }
 }
 
 /// Waits for SIGTERM or SIGINT, then drains: no new connections, /readiness 503, requests

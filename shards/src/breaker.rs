@@ -64,6 +64,8 @@ struct Cell {
     successes: AtomicU32,
     probe_out: AtomicU8,
     opened_at_ms: AtomicU64,
+    /// State changes, `[from * 3 + to]` (rare: a shared `fetch_add` is fine).
+    transitions: [AtomicU64; 9],
 }
 
 pub struct Breakers {
@@ -83,6 +85,15 @@ impl Breakers {
 
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn moved(&self, c: &Cell, from: BreakerState, to: BreakerState) {
+        c.transitions[from as usize * 3 + to as usize].fetch_add(1, Relaxed);
+    }
+
+    /// How often the breaker of `slot` went `from` → `to` since its worker took the slot.
+    pub fn transitions(&self, slot: usize, from: BreakerState, to: BreakerState) -> u64 {
+        self.cells[slot].transitions[from as usize * 3 + to as usize].load(Relaxed)
     }
 
     pub fn state(&self, slot: usize) -> BreakerState {
@@ -107,6 +118,7 @@ impl Breakers {
                     return Admit::No;
                 }
                 if c.state.compare_exchange(1, 2, Relaxed, Relaxed).is_ok() {
+                    self.moved(c, BreakerState::Open, BreakerState::HalfOpen);
                     c.successes.store(0, Relaxed);
                     c.probe_out.store(0, Relaxed);
                     tracing::info!(worker, "circuit breaker half-open: probing the worker");
@@ -157,6 +169,7 @@ impl Breakers {
                 if n >= self.cfg.success_threshold
                     && c.state.compare_exchange(2, 0, Relaxed, Relaxed).is_ok()
                 {
+                    self.moved(c, BreakerState::HalfOpen, BreakerState::Closed);
                     c.failures.store(0, Relaxed);
                     tracing::info!(worker, "circuit breaker closed: the worker recovered");
                 }
@@ -177,6 +190,7 @@ impl Breakers {
                 if n >= self.cfg.failure_threshold
                     && c.state.compare_exchange(0, 1, Relaxed, Relaxed).is_ok()
                 {
+                    self.moved(c, BreakerState::Closed, BreakerState::Open);
                     c.opened_at_ms.store(self.now_ms(), Relaxed);
                     tracing::warn!(
                         worker,
@@ -191,6 +205,7 @@ impl Breakers {
                     c.probe_out.store(0, Relaxed);
                 }
                 if c.state.compare_exchange(2, 1, Relaxed, Relaxed).is_ok() {
+                    self.moved(c, BreakerState::HalfOpen, BreakerState::Open);
                     c.opened_at_ms.store(self.now_ms(), Relaxed);
                     tracing::warn!(worker, "circuit breaker open again: the probe failed");
                 }
@@ -204,13 +219,25 @@ impl Breakers {
         self.cells[slot].probe_out.store(0, Relaxed);
     }
 
-    /// A slot given to a new worker starts closed.
+    /// A worker back from unhealthy starts closed.
     pub fn reset(&self, slot: usize) {
         let c = &self.cells[slot];
+        let was = self.state(slot);
+        if was != BreakerState::Closed {
+            self.moved(c, was, BreakerState::Closed);
+        }
         c.state.store(0, Relaxed);
         c.failures.store(0, Relaxed);
         c.successes.store(0, Relaxed);
         c.probe_out.store(0, Relaxed);
+    }
+
+    /// A slot given to a new worker: closed, with no history.
+    pub fn assign(&self, slot: usize) {
+        self.reset(slot);
+        for t in &self.cells[slot].transitions {
+            t.store(0, Relaxed);
+        }
     }
 }
 

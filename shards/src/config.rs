@@ -63,6 +63,8 @@ pub struct DataPlaneConfig {
     pub pool_max_idle_per_worker: usize,
     /// Prefill/decode disaggregation; `policy` is then the decode workers' policy.
     pub pd: Option<PdConfig>,
+    /// One log line per request (target `ringrouter::access`, level info).
+    pub access_log: bool,
 }
 
 /// P/D mode: each generation request is a prefill leg on a prefill worker, then a decode
@@ -104,6 +106,7 @@ impl DataPlaneConfig {
             upstream_idle_timeout: Duration::from_secs(4),
             pool_max_idle_per_worker: 256,
             pd: None,
+            access_log: false,
         }
     }
 }

@@ -18,6 +18,7 @@
 //!   workers are avoided after failing, how many requests may be in flight.
 //! - [`sync`]: what crosses threads (worker-set epochs, the load board, prefix inserts).
 //! - [`admin`]: the worker admin API, handed to the control plane.
+//! - [`metrics`]: per-shard counters and histograms, summed when Prometheus scrapes.
 
 pub mod admin;
 pub mod admission;
@@ -25,6 +26,7 @@ pub mod body;
 pub mod breaker;
 pub mod config;
 pub mod http;
+pub mod metrics;
 pub mod nesting;
 pub mod pd;
 pub mod proxy;

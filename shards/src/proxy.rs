@@ -31,6 +31,7 @@ use crate::breaker::{Admit, Breakers};
 use crate::config::DataPlaneConfig;
 use crate::http::response::write_simple;
 use crate::http::{ApiError, BodyFraming, ChunkedDecoder, Method, ParseOutcome, RequestHead};
+use crate::metrics::{Leg, RequestRecord, Route, ShardMetrics, WorkerCount};
 use crate::retry::is_retryable_status;
 use crate::route::key::{body_session_key, routing_text, SESSION_HEADERS};
 use crate::route::{Candidates, RouteInput, Selector, Worker, WorkerSet};
@@ -71,6 +72,8 @@ pub struct Shard {
     /// P/D mode: the prefill workers and their policy (`workers` and `selector` are then
     /// the decode workers').
     pub pd: Option<disagg::PdRouting>,
+    /// This shard's counters (written here only).
+    pub metrics: Arc<ShardMetrics>,
 }
 
 impl Shard {
@@ -204,6 +207,8 @@ struct Buffers {
     watch: Vec<u8>,
     /// A P/D leg's body (`Body::Leg`), spliced from the client's.
     leg: Vec<u8>,
+    /// The current request's facts, counted when it ends.
+    rec: RequestRecord,
 }
 
 enum Next {
@@ -226,6 +231,15 @@ enum Fill {
     TimedOut,
 }
 
+/// Counts a connection closed when its task ends, however it ends.
+struct ConnectionClosed<'a>(&'a ShardMetrics);
+
+impl Drop for ConnectionClosed<'_> {
+    fn drop(&mut self) {
+        self.0.connections_closed.inc();
+    }
+}
+
 pub async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) {
     let (mut rd, mut wr) = stream.into_split();
     let mut b = Buffers {
@@ -239,14 +253,19 @@ pub async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) {
         rid: Vec::with_capacity(40),
         watch: Vec::new(),
         leg: Vec::new(),
+        rec: RequestRecord::new(Route::Other, std::time::Instant::now()),
     };
+    shard.metrics.connections.inc();
+    let _closed = ConnectionClosed(&shard.metrics);
     loop {
         b.rid.clear();
         match read_head(&shard, &mut rd, &mut b).await {
             Ok(true) => {}
             Ok(false) => return,
             Err(e) => {
+                b.rec = RequestRecord::new(Route::Other, std::time::Instant::now());
                 respond_error(&mut wr, &mut b, &e, true).await;
+                shard.metrics.record(&b.rec, std::time::Instant::now());
                 return;
             }
         }
@@ -405,6 +424,8 @@ async fn flush_out(wr: &mut ClientWr, b: &mut Buffers) -> bool {
 }
 
 async fn respond_error(wr: &mut ClientWr, b: &mut Buffers, e: &ApiError, close: bool) -> bool {
+    b.rec.status = e.status;
+    b.rec.router_error = true;
     b.out.clear();
     let rid = if b.rid.is_empty() {
         None
@@ -415,8 +436,64 @@ async fn respond_error(wr: &mut ClientWr, b: &mut Buffers, e: &ApiError, close: 
     flush_out(wr, b).await
 }
 
-/// Phases 2–5 for the request whose head is in `b.head`.
+/// Phases 2–5 for the request whose head is in `b.head`, then its count in the metrics
+/// (and its access log line).
 async fn handle_request(
+    shard: &Shard,
+    rd: &mut ClientRd,
+    wr: &mut ClientWr,
+    b: &mut Buffers,
+) -> Next {
+    let s = b.start;
+    let path = &b.inbuf[s + b.head.path.start..s + b.head.path.end];
+    let path = path.split(|&c| c == b'?').next().unwrap_or(path);
+    b.rec = RequestRecord::new(Route::of(path), std::time::Instant::now());
+    let next = handle_request_phases(shard, rd, wr, b).await;
+    let end = std::time::Instant::now();
+    shard.metrics.record(&b.rec, end);
+    if shard.cfg.access_log && !b.rec.skip {
+        log_access(shard, b, end);
+    }
+    next
+}
+
+/// One line per request: id, route, status, worker(s), times.
+fn log_access(shard: &Shard, b: &Buffers, end: std::time::Instant) {
+    let r = &b.rec;
+    let url = |slot: Option<usize>, set: Option<&WorkerSet>| -> String {
+        match (slot, set) {
+            (Some(slot), Some(set)) => set
+                .by_slot(slot)
+                .map(|w| w.url.clone())
+                .unwrap_or_else(|| format!("slot {slot}")),
+            _ => "-".to_string(),
+        }
+    };
+    let workers = shard.workers.borrow().clone();
+    let worker = url(r.worker, Some(&workers));
+    let prefill = match &shard.pd {
+        Some(pd) => url(r.prefill, Some(&pd.prefill.borrow())),
+        None => "-".to_string(),
+    };
+    let ms = |t: Option<std::time::Instant>| {
+        t.map(|t| t.saturating_duration_since(r.start).as_secs_f64() * 1e3)
+    };
+    tracing::info!(
+        target: "ringrouter::access",
+        request_id = %String::from_utf8_lossy(&b.rid),
+        route = %r.route.label(),
+        status = r.status,
+        worker = %worker,
+        prefill = %prefill,
+        attempts = r.attempts,
+        error = %r.error_type().map(|e| e.label()).unwrap_or("-"),
+        ttft_ms = ms(r.first_body),
+        total_ms = end.saturating_duration_since(r.start).as_secs_f64() * 1e3,
+        "request"
+    );
+}
+
+async fn handle_request_phases(
     shard: &Shard,
     rd: &mut ClientRd,
     wr: &mut ClientWr,
@@ -430,7 +507,10 @@ async fn handle_request(
         shard.ids.write_next(&mut b.rid);
     }
     let body = match read_body(shard, rd, wr, b).await {
-        Ok(body) => body,
+        Ok(body) => {
+            b.rec.ready = Some(std::time::Instant::now());
+            body
+        }
         Err(Some(e)) => {
             respond_error(wr, b, &e, true).await;
             return Next::Close;
@@ -550,6 +630,13 @@ async fn route_request(
         _ => None,
     };
     if let Some((status, ctype, payload)) = local {
+        b.rec.status = status;
+        if status == 400 && routed.is_none() && is_json_route(path) {
+            // The body was refused: the router's own error.
+            b.rec.router_error = true;
+        } else {
+            b.rec.skip = true;
+        }
         b.out.clear();
         write_simple(
             &mut b.out,
@@ -989,24 +1076,31 @@ fn next_worker<'s>(
 /// client left) lets the next probe go.
 struct Outcome<'a> {
     breakers: &'a Breakers,
+    metrics: &'a ShardMetrics,
     worker: &'a Worker,
     probe: bool,
     reported: bool,
+    leg: Leg,
 }
 
 impl<'a> Outcome<'a> {
-    fn new(shard: &'a Shard, worker: &'a Worker, probe: bool) -> Self {
+    fn new(shard: &'a Shard, worker: &'a Worker, probe: bool, leg: Leg) -> Self {
         Outcome {
             breakers: &shard.breakers,
+            metrics: &shard.metrics,
             worker,
             probe,
             reported: false,
+            leg,
         }
     }
 
     fn success(&mut self) {
         if !self.reported {
             self.reported = true;
+            self.metrics
+                .worker(self.worker.slot, WorkerCount::CbSuccess)
+                .inc();
             self.breakers
                 .success(self.worker.slot, self.probe, &self.worker.url);
         }
@@ -1015,9 +1109,44 @@ impl<'a> Outcome<'a> {
     fn failure(&mut self) {
         if !self.reported {
             self.reported = true;
-            self.breakers
-                .failure(self.worker.slot, self.probe, &self.worker.url);
+            let slot = self.worker.slot;
+            self.metrics.worker(slot, WorkerCount::CbFailure).inc();
+            match self.leg {
+                Leg::Prefill => self
+                    .metrics
+                    .worker(slot, WorkerCount::PdPrefillErrors)
+                    .inc(),
+                Leg::Decode => self.metrics.worker(slot, WorkerCount::PdDecodeErrors).inc(),
+                Leg::Plain => {}
+            }
+            self.breakers.failure(slot, self.probe, &self.worker.url);
         }
+    }
+}
+
+/// Counts an attempt on `worker` in the current leg: the policy's first choice, the
+/// P/D leg's requests, retries.
+fn count_attempt(shard: &Shard, b: &mut Buffers, worker: &Worker) {
+    let rec = &mut b.rec;
+    rec.attempts += 1;
+    if rec.attempts == 1 {
+        shard
+            .metrics
+            .worker(worker.slot, WorkerCount::Decisions)
+            .inc();
+    } else {
+        rec.retries += 1;
+    }
+    match rec.leg {
+        Leg::Prefill => shard
+            .metrics
+            .worker(worker.slot, WorkerCount::PdPrefill)
+            .inc(),
+        Leg::Decode => shard
+            .metrics
+            .worker(worker.slot, WorkerCount::PdDecode)
+            .inc(),
+        Leg::Plain => {}
     }
 }
 
@@ -1050,6 +1179,7 @@ async fn exchange<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     let mut attempts = 0u32;
     let mut backoff = false;
     let order = candidates.clone();
+    b.rec.attempts = 0;
     let mut next = next_worker(shard, set, &mut candidates, &mut deferred);
     if next.is_none() && !set.is_empty() {
         // Every breaker open. As Envoy does below its panic threshold, route as if none
@@ -1071,7 +1201,8 @@ async fn exchange<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     }
     while let Some((worker, probe)) = next.take() {
         attempts += 1;
-        let mut outcome = Outcome::new(shard, worker, probe);
+        count_attempt(shard, b, worker);
+        let mut outcome = Outcome::new(shard, worker, probe, b.rec.leg);
         if backoff {
             let wait = retry.backoff(attempts - 1, fastrand::f64());
             if let Err(i) = watch.guard(monoio::time::sleep(wait)).await {
@@ -1113,6 +1244,9 @@ async fn exchange<W: Future<Output = BufResult<usize, Vec<u8>>>>(
                     } else {
                         outcome.success();
                     }
+                    if is_retryable_status(status) && retry.max_attempts > 1 {
+                        b.rec.exhausted = true;
+                    }
                     let how = ClientHead {
                         close,
                         dechunk: false,
@@ -1148,6 +1282,7 @@ async fn exchange<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     let e = if attempts == 0 {
         ApiError::new(503, "no worker is available")
     } else {
+        b.rec.exhausted = true;
         ApiError::new(
             502,
             format!("no worker could take the request ({attempts} attempts): {last_error}"),
@@ -1276,6 +1411,7 @@ async fn attempt<W: Future<Output = BufResult<usize, Vec<u8>>>>(
             same_worker: reused,
         };
     }
+    b.rec.sent = Some(std::time::Instant::now());
 
     // The response head.
     b.upbuf.clear();
@@ -1291,6 +1427,7 @@ async fn attempt<W: Future<Output = BufResult<usize, Vec<u8>>>>(
                 continue;
             }
             Ok(Some(head)) => {
+                b.rec.upstream_head = Some(std::time::Instant::now());
                 shard.board.mark_up(w.slot);
                 if let Some((waiting, kv)) = head.load_report {
                     if let Some(n) = waiting {
@@ -1366,7 +1503,10 @@ async fn bad_gateway(wr: &mut ClientWr, b: &mut Buffers, msg: &str, close: bool)
 /// gets nothing.
 async fn interrupted(wr: &mut ClientWr, b: &mut Buffers, i: Interrupt, close: bool) -> Next {
     match i {
-        Interrupt::ClientGone => Next::Close,
+        Interrupt::ClientGone => {
+            b.rec.client_gone = true;
+            Next::Close
+        }
         Interrupt::TimedOut | Interrupt::Idle => {
             let e = ApiError::new(
                 504,
@@ -1459,6 +1599,13 @@ async fn relay_body<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     how.dechunk = dechunk;
     how.close |= dechunk;
     let close_client = how.close;
+    b.rec.status = head.status;
+    b.rec.router_error = false;
+    b.rec.worker = Some(worker.slot);
+    shard
+        .metrics
+        .worker(worker.slot, WorkerCount::Processed)
+        .inc();
     b.out.clear();
     b.out.reserve(head.len + 64 + b.rid.len());
     write_client_head(&mut b.out, &b.upbuf, &head, &b.rid, how);
@@ -1474,9 +1621,16 @@ async fn relay_body<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     if !dechunk {
         b.out.extend_from_slice(&early[..n]);
     }
+    let body_bytes = n > 0;
     if !flush_out(wr, b).await {
         abort_upstream(&up);
+        b.rec.client_gone = true;
         return Next::Close;
+    }
+    let now = std::time::Instant::now();
+    b.rec.client_head = Some(now);
+    if body_bytes {
+        b.rec.first_body = Some(now);
     }
     release_request(b);
     if !matches!(left, BodyLeft::Done) {
@@ -1490,11 +1644,12 @@ async fn relay_body<W: Future<Output = BufResult<usize, Vec<u8>>>>(
             Err(Interrupt::ClientGone) => {
                 // The worker must stop generating now.
                 abort_upstream(&up);
+                b.rec.client_gone = true;
                 return Next::Close;
             }
             Err(i) => {
                 abort_upstream(&up);
-                shard.breakers.failure(worker.slot, false, &worker.url);
+                cut_mid_stream(shard, b, worker);
                 let why = if let Interrupt::Idle = i {
                     tracing::warn!(worker = %worker.url, idle_secs = shard.cfg.stream_idle_timeout.as_secs_f64(), "worker went silent mid-response; cutting it");
                     "the worker sent nothing for longer than the stream idle timeout"
@@ -1514,7 +1669,7 @@ async fn relay_body<W: Future<Output = BufResult<usize, Vec<u8>>>>(
                 return Next::Close;
             }
             // The worker closed (or reset) mid-body.
-            shard.breakers.failure(worker.slot, false, &worker.url);
+            cut_mid_stream(shard, b, worker);
             tracing::warn!(worker = %worker.url, "worker closed the connection mid-response");
             return end_with_error(
                 wr,
@@ -1550,7 +1705,11 @@ async fn relay_body<W: Future<Output = BufResult<usize, Vec<u8>>>>(
         };
         if res.is_err() {
             abort_upstream(&up);
+            b.rec.client_gone = true;
             return Next::Close;
+        }
+        if b.rec.first_body.is_none() {
+            b.rec.first_body = Some(std::time::Instant::now());
         }
         // Grow the read size for large bodies: a full read suggests more is waiting.
         if got == b.upbuf.capacity() && got < 256 * 1024 {
@@ -1570,6 +1729,17 @@ async fn relay_body<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     } else {
         Next::KeepAlive
     }
+}
+
+/// The worker failed mid-response: its breaker and the counts hear of it.
+fn cut_mid_stream(shard: &Shard, b: &mut Buffers, worker: &Worker) {
+    b.rec.cut = true;
+    let m = &shard.metrics;
+    m.worker(worker.slot, WorkerCount::CbFailure).inc();
+    if b.rec.leg == Leg::Decode {
+        m.worker(worker.slot, WorkerCount::PdStreamErrors).inc();
+    }
+    shard.breakers.failure(worker.slot, false, &worker.url);
 }
 
 /// Ends a response the worker broke off mid-body. A chunked event stream cut between

@@ -16,6 +16,7 @@ use monoio::{FusionRuntime, IoUringDriver, LegacyDriver, RuntimeBuilder};
 use crate::admission::{Admission, ShardAdmission};
 use crate::breaker::Breakers;
 use crate::config::{DataPlaneConfig, IoDriver};
+use crate::metrics::Metrics;
 use crate::proxy::{serve_connection, Shard};
 use crate::route::Selector;
 use crate::sync::{Directory, LoadBoard, PrefixFeed};
@@ -44,6 +45,8 @@ pub struct DataPlane {
     pub directory: Arc<Directory>,
     pub breakers: Arc<Breakers>,
     pub admission: Arc<Admission>,
+    /// Every shard's counters, summed when Prometheus scrapes.
+    pub metrics: Arc<Metrics>,
     pub shards: Vec<ShardInfo>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -81,6 +84,7 @@ struct Shared {
     directory: Arc<Directory>,
     breakers: Arc<Breakers>,
     admission: Arc<Admission>,
+    metrics: Arc<Metrics>,
 }
 
 type Runtime = FusionRuntime<TimeDriver<IoUringDriver>, TimeDriver<LegacyDriver>>;
@@ -135,6 +139,7 @@ pub fn start(cfg: DataPlaneConfig) -> Result<DataPlane, String> {
         directory: Arc::new(Directory::new(cfg.workers.clone())),
         breakers: Arc::new(Breakers::new(slots, cfg.breaker)),
         admission: Arc::new(Admission::new(cfg.admission)),
+        metrics: Arc::new(Metrics::new(cfg.shards, slots)),
     };
     let mut feeds = PrefixFeed::mesh(cfg.shards).into_iter();
     // P/D mode: the prefill workers' prefix index has its own.
@@ -177,6 +182,7 @@ pub fn start(cfg: DataPlaneConfig) -> Result<DataPlane, String> {
         directory: shared.directory,
         breakers: shared.breakers,
         admission: shared.admission,
+        metrics: shared.metrics,
         shards: infos,
         threads,
     })
@@ -231,15 +237,16 @@ fn run_shard(
         } else {
             all
         };
+        let metrics = shared.metrics.shards[id].clone();
+        let selector = Selector::new(cfg.policy.clone(), id, &local, shared.board.clone(), feed);
+        metrics.add_selector(selector.stats.clone());
+        if let Some(pd) = &pd {
+            metrics.add_selector(pd.selector.borrow().stats.clone());
+        }
         let shard = Rc::new(Shard {
             id,
-            selector: RefCell::new(Selector::new(
-                cfg.policy.clone(),
-                id,
-                &local,
-                shared.board.clone(),
-                feed,
-            )),
+            selector: RefCell::new(selector),
+            metrics,
             workers: RefCell::new(Rc::new(local)),
             directory: shared.directory,
             board: shared.board.clone(),

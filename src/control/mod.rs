@@ -1,7 +1,8 @@
 //! The control plane: one thread with a tokio runtime and a hyper client, never on the
 //! request path. It owns worker membership (the registry), runs the active health checks,
 //! answers the worker admin API for the shards, applies membership changes from other
-//! sources (Kubernetes discovery), and scrapes vLLM's load gauges onto the load board.
+//! sources (Kubernetes discovery), scrapes vLLM's load gauges onto the load board, and
+//! serves the router's own Prometheus metrics.
 //! Every change to the routable set reaches the shards as a new worker-set epoch.
 
 mod admin_api;
@@ -9,6 +10,7 @@ pub mod discovery;
 mod health;
 mod load_scrape;
 pub mod membership;
+pub mod metrics;
 pub mod registry;
 
 use std::collections::HashMap;
@@ -39,6 +41,8 @@ pub struct Control {
     pub discovery: Option<discovery::DiscoveryArgs>,
     /// P/D mode: discovery watches the prefill and decode selectors.
     pub pd_mode: bool,
+    /// The Prometheus endpoint's listener (bound at start) and what a scrape reads.
+    pub prometheus: Option<(std::net::TcpListener, metrics::Sources)>,
 }
 
 /// Starts the control-plane thread. The returned receiver gets one message when the
@@ -119,6 +123,12 @@ async fn run(mut c: Control, ready: std::sync::mpsc::Sender<Result<(), String>>)
             every,
         ));
     }
+    let (scrape_tx, mut scrapes) = tokio::sync::mpsc::unbounded_channel();
+    let prometheus = c.prometheus.take().map(|(listener, sources)| {
+        tokio::spawn(metrics::serve(listener, scrape_tx.clone()));
+        sources
+    });
+    let mut counts = metrics::ControlCounts::default();
     let _keep_open = c.membership_tx.clone();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -138,7 +148,16 @@ async fn run(mut c: Control, ready: std::sync::mpsc::Sender<Result<(), String>>)
                 }
                 let _ = call.reply.send(reply);
             }
+            Some(reply) = scrapes.recv() => {
+                if let Some(sources) = &prometheus {
+                    let _ = reply.send(metrics::render(&c.registry, sources, &counts));
+                }
+            }
             Some(change) = c.membership.recv() => {
+                counts.discovery_updates += 1;
+                let adds = matches!(change, MembershipChange::Add { .. });
+                counts.discovery_added = adds as u64;
+                counts.discovery_removed = !adds as u64;
                 if let Some(url) = apply(&mut c.registry, change) {
                     if c.registry.health.enabled {
                         due.insert(host_url(&url).to_string(), Instant::now());

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shards::breaker::Breakers;
+use shards::metrics::Metrics;
 use shards::route::{parse_worker_url, Worker, WorkerRole, WorkerSet};
 use shards::sync::{Directory, LoadBoard};
 
@@ -59,6 +60,7 @@ pub struct Registry {
     directory: Arc<Directory>,
     board: Arc<LoadBoard>,
     breakers: Arc<Breakers>,
+    metrics: Arc<Metrics>,
     pub health: HealthConfig,
     /// In the order workers were added.
     entries: Vec<Entry>,
@@ -77,6 +79,7 @@ impl Registry {
         directory: Arc<Directory>,
         board: Arc<LoadBoard>,
         breakers: Arc<Breakers>,
+        metrics: Arc<Metrics>,
         health: HealthConfig,
     ) -> Self {
         let epoch = directory.epoch();
@@ -84,6 +87,7 @@ impl Registry {
             directory,
             board,
             breakers,
+            metrics,
             health,
             entries: Vec::new(),
             epoch,
@@ -114,7 +118,8 @@ impl Registry {
             Role::Decode => WorkerRole::Decode,
         };
         self.board.reset_slot(slot);
-        self.breakers.reset(slot);
+        self.breakers.assign(slot);
+        self.metrics.rebase_slot(slot);
         let routable_at_once = !self.health.enabled || self.health.startup_timeout.is_zero();
         self.entries.push(Entry {
             worker: Arc::new(worker),
@@ -250,6 +255,7 @@ mod tests {
             Arc::new(Directory::new(WorkerSet::default())),
             board,
             Arc::new(Breakers::new(4, BreakerConfig::default())),
+            Arc::new(Metrics::new(1, 4)),
             HealthConfig {
                 enabled,
                 interval: Duration::from_secs(60),

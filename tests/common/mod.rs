@@ -14,6 +14,8 @@ pub use mock_vllm::{MockConfig, MockServer};
 pub struct Router {
     pub child: Child,
     pub addr: SocketAddr,
+    /// The Prometheus endpoint (`--prometheus-port 0` unless the test chose a port).
+    pub metrics: Option<SocketAddr>,
     pub stderr: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
@@ -55,6 +57,10 @@ impl Router {
         if !args.contains(&"--health-check-interval-secs") {
             cmd.args(["--health-check-interval-secs", "0"]);
         }
+        // Routers run side by side: never the default metrics port.
+        if !args.contains(&"--prometheus-port") {
+            cmd.args(["--prometheus-port", "0"]);
+        }
         cmd.args(args)
             .env_remove("RUST_LOG")
             // Never a real cluster: Kubernetes discovery talks to what a test gives it.
@@ -78,16 +84,24 @@ impl Router {
         });
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
+            let mut metrics = None;
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(a) = line
+                    .strip_prefix("ringrouter metrics on http://")
+                    .and_then(|a| a.strip_suffix("/metrics"))
+                {
+                    metrics = Some(a.parse::<SocketAddr>().unwrap());
+                }
                 if let Some(a) = line.strip_prefix("ringrouter listening on http://") {
-                    let _ = tx.send(a.parse::<SocketAddr>().unwrap());
+                    let _ = tx.send((a.parse::<SocketAddr>().unwrap(), metrics));
                 }
             }
         });
         match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(addr) => Ok(Router {
+            Ok((addr, metrics)) => Ok(Router {
                 child,
                 addr,
+                metrics,
                 stderr: log,
             }),
             Err(_) => {
@@ -115,6 +129,17 @@ impl Router {
 
     pub fn log(&self) -> String {
         self.stderr.lock().unwrap().clone()
+    }
+
+    /// The text of `GET /metrics`.
+    pub fn scrape(&self) -> String {
+        let addr = self.metrics.expect("the router serves metrics");
+        let r = exchange(
+            addr,
+            b"GET /metrics HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n",
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.text()
     }
 
     pub fn connect(&self) -> TcpStream {

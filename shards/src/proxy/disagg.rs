@@ -24,13 +24,14 @@ use monoio::net::TcpStream;
 use monoio::BufResult;
 
 use super::{
-    abort_upstream, attempt, exchange, interrupted, next_worker, relay_body, respond_error,
-    retry_worker, Attempt, Body, BodyLeft, Buffers, ClientWr, Deferred, InFlight, Interrupt, Next,
-    Outcome, Shard, Watch,
+    abort_upstream, attempt, count_attempt, exchange, interrupted, next_worker, relay_body,
+    respond_error, retry_worker, Attempt, Body, BodyLeft, Buffers, ClientWr, Deferred, InFlight,
+    Interrupt, Next, Outcome, Shard, Watch,
 };
 use crate::body::RequestFields;
 use crate::config::PdConfig;
 use crate::http::ApiError;
+use crate::metrics::{Leg, WorkerCount};
 use crate::pd::splice::{KvTransferParams, ObjectIndex};
 use crate::retry::is_retryable_status;
 use crate::route::key::routing_text;
@@ -102,6 +103,8 @@ pub(super) async fn exchange_pd<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     decode: (&WorkerSet, Candidates),
 ) -> Next {
     let close = !b.head.keep_alive;
+    b.rec.pd = true;
+    b.rec.leg = Leg::Prefill;
     let fallback = shard
         .pd
         .as_ref()
@@ -123,6 +126,9 @@ pub(super) async fn exchange_pd<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     };
 
     // The decode leg's body.
+    b.rec.ready = Some(std::time::Instant::now());
+    b.rec.decode_started = true;
+    b.rec.leg = Leg::Decode;
     let kv = match KvTransferParams::from_prefill_response(&response) {
         Ok(Some(kv)) => kv,
         Ok(None) if fallback => {
@@ -131,6 +137,7 @@ pub(super) async fn exchange_pd<W: Future<Output = BufResult<usize, Vec<u8>>>>(
             return exchange(shard, watch, wr, b, body, decode.0, decode.1).await;
         }
         Ok(None) => {
+            b.rec.no_kv = true;
             tracing::warn!(worker = %worker.url, "prefill worker answered without kv_transfer_params");
             let e = ApiError::new(
                 502,
@@ -192,6 +199,7 @@ async fn prefill_leg<'s, W: Future<Output = BufResult<usize, Vec<u8>>>>(
     let mut attempts = 0u32;
     let mut backoff = false;
     let order = candidates.clone();
+    b.rec.attempts = 0;
     let mut next = next_worker(shard, set, &mut candidates, &mut deferred);
     if next.is_none() && !set.is_empty() {
         // Every prefill breaker open: route as if none were (as plain mode does).
@@ -199,7 +207,8 @@ async fn prefill_leg<'s, W: Future<Output = BufResult<usize, Vec<u8>>>>(
     }
     while let Some((worker, probe)) = next.take() {
         attempts += 1;
-        let mut outcome = Outcome::new(shard, worker, probe);
+        count_attempt(shard, b, worker);
+        let mut outcome = Outcome::new(shard, worker, probe, Leg::Prefill);
         if backoff {
             let wait = retry.backoff(attempts - 1, fastrand::f64());
             if let Err(i) = watch.guard(monoio::time::sleep(wait)).await {
@@ -215,6 +224,11 @@ async fn prefill_leg<'s, W: Future<Output = BufResult<usize, Vec<u8>>>>(
                         match read_response(shard, watch, b, worker, up, &head).await {
                             Ok(body) => {
                                 outcome.success();
+                                b.rec.prefill = Some(worker.slot);
+                                shard
+                                    .metrics
+                                    .worker(worker.slot, WorkerCount::Processed)
+                                    .inc();
                                 return Ok((body, worker));
                             }
                             Err(ReadError::Interrupted(i)) => {
@@ -264,6 +278,9 @@ async fn prefill_leg<'s, W: Future<Output = BufResult<usize, Vec<u8>>>>(
                     } else {
                         outcome.success();
                     }
+                    if is_retryable_status(status) && retry.max_attempts > 1 {
+                        b.rec.exhausted = true;
+                    }
                     // The client's request was refused (4xx), or retries are spent: the
                     // prefill worker's answer is the client's.
                     let how = ClientHead {
@@ -300,6 +317,7 @@ async fn prefill_leg<'s, W: Future<Output = BufResult<usize, Vec<u8>>>>(
     let e = if attempts == 0 {
         ApiError::new(503, "no prefill worker is available")
     } else {
+        b.rec.exhausted = true;
         ApiError::new(
             502,
             format!("no prefill worker could take the request ({attempts} attempts): {last_error}"),

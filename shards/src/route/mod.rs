@@ -10,5 +10,5 @@ pub mod prefix;
 pub mod ring;
 mod worker;
 
-pub use policy::{Candidates, Policy, PolicyConfig, RouteInput, Selector, SelectorStats};
+pub use policy::{Candidates, Policy, PolicyConfig, RouteInput, Selector};
 pub use worker::{host_url, parse_worker_url, Worker, WorkerRole, WorkerSet, WorkerUrlError};

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use super::prefix::{block_hashes, worker_bit, PrefixIndex, WorkerMask, BLOCK};
 use super::ring::HashRing;
 use super::WorkerSet;
+use crate::metrics::SelectorStats;
 use crate::sync::{LoadBoard, PrefixFeed};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -124,13 +125,6 @@ pub struct RouteInput<'a> {
     pub text: &'a [&'a [u8]],
 }
 
-/// Counters a selector keeps (summed into metrics later).
-#[derive(Default, Debug, Clone)]
-pub struct SelectorStats {
-    pub cache_hits: u64,
-    pub cache_misses: u64,
-}
-
 /// A shard's policy state. Single-threaded: lives in the shard, never shared.
 pub struct Selector {
     cfg: PolicyConfig,
@@ -146,7 +140,8 @@ pub struct Selector {
     hashes: Vec<u64>,
     fresh: Vec<u64>,
     depth: Vec<u16>,
-    pub stats: SelectorStats,
+    /// Its cache_aware decisions, read at scrape time.
+    pub stats: Arc<SelectorStats>,
 }
 
 impl Selector {
@@ -171,7 +166,7 @@ impl Selector {
             hashes: Vec::new(),
             fresh: Vec::new(),
             depth: Vec::new(),
-            stats: SelectorStats::default(),
+            stats: Default::default(),
             cfg,
         };
         s.set_workers(workers);
@@ -346,10 +341,10 @@ impl Selector {
             (m.blocks * BLOCK) as f64 / covered as f64
         };
         if m.blocks > 0 && ratio >= self.cfg.cache_threshold {
-            self.stats.cache_hits += 1;
+            self.stats.cache_hits.inc();
             self.least_loaded(m.workers)
         } else {
-            self.stats.cache_misses += 1;
+            self.stats.cache_misses.inc();
             self.least_loaded(0)
         }
     }
@@ -366,10 +361,10 @@ impl Selector {
         idx.depths(&self.hashes, slot_count, &mut self.depth);
         let any_match = self.depth.iter().any(|&d| d > 0);
         if !any_match || covered == 0 {
-            self.stats.cache_misses += 1;
+            self.stats.cache_misses.inc();
             return self.least_loaded(0);
         }
-        self.stats.cache_hits += 1;
+        self.stats.cache_hits.inc();
         let mut best = 0;
         let mut best_cost = f64::MAX;
         let mut ties = 0u32;
@@ -611,7 +606,7 @@ mod tests {
             }
             assert_eq!(w, owner[g], "group {g} moved at request {i}");
         }
-        assert!(s.stats.cache_hits >= 190);
+        assert!(s.stats.cache_hits.get() >= 190);
     }
 
     #[test]
