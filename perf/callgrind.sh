@@ -7,29 +7,39 @@
 # keep-alive client connection, round_robin over 4 mock workers), and reports
 # (I(2N) - I(N)) / N: the per-request cost with start-up and shutdown cancelled out.
 #
-# Usage: perf/callgrind.sh [N] [policy]     (default N=2000, policy round_robin)
+# Usage: perf/callgrind.sh [N] [policy] [pd]  (default N=2000, policy round_robin; with `pd`,
+#        P/D mode: 2 of the mocks are prefill workers and 2 decode workers, so each request
+#        is a prefill exchange, the body splices and a decode exchange)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-2000}
 POLICY=${2:-round_robin}
+MODE=${3:-plain}
 BIN=target/release
 command -v valgrind >/dev/null || { echo "valgrind is needed (apt-get install valgrind)"; exit 2; }
 [ -x "$BIN/ringrouter" ] && [ -x "$BIN/mock-vllm" ] && [ -x "$BIN/loadgen" ] || \
   cargo build --release -p ringrouter -p mock-vllm -p loadgen
 
 work=$(mktemp -d)
-cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
+cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; [ -n "${KEEP:-}" ] && cp "$work"/cg.* /tmp/ 2>/dev/null; rm -rf "$work"; }
 trap cleanup EXIT
 
 "$BIN/mock-vllm" --port 0 --workers 4 --model mock-model >"$work/mocks" 2>/dev/null &
 for _ in $(seq 50); do [ "$(grep -c listening "$work/mocks")" = 4 ] && break; sleep 0.1; done
 urls=$(awk '/listening/ {print $NF}' "$work/mocks" | tr '\n' ' ')
+if [ "$MODE" = pd ]; then
+  read -r -a u <<<"$urls"
+  workers=(--vllm-pd-disaggregation --prefill "${u[0]}" --prefill "${u[1]}" --decode "${u[2]}" --decode "${u[3]}")
+else
+  # shellcheck disable=SC2206
+  workers=(--worker-urls $urls)
+fi
 
 run() {
   local n=$1 out="$work/cg.$1"
   valgrind --tool=callgrind --callgrind-out-file="$out" \
     "$BIN/ringrouter" --port 0 --shards 1 --no-pin-cores --io-driver epoll --policy "$POLICY" \
-    --load-scrape-interval-ms 0 --worker-urls $urls >"$work/router.$n" 2>"$work/router.$n.err" &
+    --load-scrape-interval-ms 0 --prometheus-port 0 "${workers[@]}" >"$work/router.$n" 2>"$work/router.$n.err" &
   local pid=$!
   for _ in $(seq 300); do grep -q "listening on" "$work/router.$n" && break; sleep 0.1; done
   local url
@@ -42,4 +52,4 @@ run() {
 a=$(run "$N")
 b=$(run $((2 * N)))
 per=$(( (b - a) / N ))
-echo "callgrind: $a instructions for $N requests, $b for $((2 * N)); per request: $per (policy $POLICY)"
+echo "callgrind: $a instructions for $N requests, $b for $((2 * N)); per request: $per (policy $POLICY, $MODE)"

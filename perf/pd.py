@@ -8,7 +8,12 @@ in --vllm-pd-disaggregation mode over the same mocks, round_robin, driven by loa
 mocks' own TTFT measured directly at the same concurrency. The router's share is
     TTFT(router) - prefill_ms - TTFT(decode direct)
 at p50 and p99, i.e. everything the router adds: two upstream exchanges, the body splices,
-reading the prefill answer, and its own scheduling (plus the prefill mock's few µs).
+reading the prefill answer, and its own scheduling (plus the prefill mock's own turnaround).
+
+ringrouter also measures its own time on its own clock (`ringrouter_added_seconds` on its
+/metrics, read after each cell): request read → prefill leg written (to_worker), prefill
+answer read → decode leg written (between_legs), decode head read → written to the client
+(to_client). Their p50s are reported (Prometheus' histogram_quantile interpolation).
 
 Usage: perf/pd.py [--requests 2000] [--concurrency 16 128] [--prefill-ms 50]
                   [--decode-ttft-ms 20]
@@ -71,6 +76,37 @@ def loadgen(url, conc, requests):
             "failed": r["requests"]["failed"], "errors": r["errors"]["by_kind"]}
 
 
+def histogram_quantile(q, buckets):
+    """`buckets`: [(upper bound, cumulative count)] ending with +Inf, as Prometheus does."""
+    total = buckets[-1][1]
+    if total == 0:
+        return float("nan")
+    rank = q * total
+    lower, below = 0.0, 0
+    for bound, cum in buckets:
+        if cum >= rank:
+            if bound == float("inf"):
+                return lower
+            return lower + (bound - lower) * (rank - below) / max(cum - below, 1)
+        lower, below = bound, cum
+    return lower
+
+
+def added_time(metrics_url):
+    """p50 / p99 (µs) of each phase of ringrouter_added_seconds."""
+    import urllib.request
+    with urllib.request.urlopen(metrics_url, timeout=5) as r:
+        text = r.read().decode()
+    phases = {}
+    for line in text.splitlines():
+        m = re.match(r'ringrouter_added_seconds_bucket\{phase="(\w+)",le="([^"]+)"\} (\d+)', line)
+        if m:
+            bound = float("inf") if m.group(2) == "+Inf" else float(m.group(2))
+            phases.setdefault(m.group(1), []).append((bound, int(m.group(3))))
+    return {ph: {"p50": histogram_quantile(0.5, b) * 1e6, "p99": histogram_quantile(0.99, b) * 1e6,
+                 "count": b[-1][1]} for ph, b in phases.items()}
+
+
 def start_router(name, prefill, decode):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -81,9 +117,12 @@ def start_router(name, prefill, decode):
     for d in decode:
         args += ["--decode", d]
     if name == "ringrouter":
+        mport = free_port()
+        metrics = f"http://127.0.0.1:{mport}/metrics"
         cmd = [f"{BIN}/ringrouter", *args, "--no-pin-cores", "--health-check-interval-secs", "0",
-               "--load-scrape-interval-ms", "0"]
+               "--load-scrape-interval-ms", "0", "--prometheus-port", str(mport)]
     else:
+        metrics = None
         cmd = [VLLM_ROUTER, *args, "--prometheus-host", "127.0.0.1",
                "--prometheus-port", str(free_port())]
     log = open(f"/tmp/pd-{name}.log", "w")
@@ -91,7 +130,7 @@ def start_router(name, prefill, decode):
     if not wait_http(url):
         proc.kill()
         sys.exit(f"{name} did not start; see /tmp/pd-{name}.log")
-    return proc, url
+    return proc, url, metrics
 
 
 def main():
@@ -114,9 +153,12 @@ def main():
                 if name == "vllm-router" and not os.path.exists(VLLM_ROUTER):
                     print("skip vllm-router: run perf/run.py once to install it", file=sys.stderr)
                     continue
-                proc, url = start_router(name, prefill, decode)
+                proc, url, metrics = start_router(name, prefill, decode)
+                own = {}
                 try:
                     r = loadgen(url, c, a.requests)
+                    if metrics:
+                        own = added_time(metrics)
                 finally:
                     proc.send_signal(signal.SIGTERM)
                     try:
@@ -131,6 +173,7 @@ def main():
                     "router_p99_us": r["p99"] - prefill_us - direct["p99"],
                     "direct_decode_p50_us": direct["p50"], "req_per_s": r["rps"],
                     "failed": r["failed"], "errors": r["errors"],
+                    "own_time_us": own,
                 })
     finally:
         pp.kill()
@@ -141,6 +184,17 @@ def main():
         print(f"| {r['concurrency']} | {r['target']} | {r['ttft_p50_us']/1000:.2f} / "
               f"{r['ttft_p99_us']/1000:.2f} | {r['router_p50_us']:,.0f} / "
               f"{r['router_p99_us']:,.0f} | {r['req_per_s']:.0f} | {r['failed']} |")
+    own = [r for r in rows if r["own_time_us"]]
+    if own:
+        print("\nringrouter's own time, on its clock (p50 / p99, µs):\n")
+        print("| concurrency | request → prefill leg | prefill answer → decode leg | decode head → client | sum of p50s |")
+        print("| ---: | ---: | ---: | ---: | ---: |")
+        for r in own:
+            o = r["own_time_us"]
+            cell = lambda ph: f"{o[ph]['p50']:.1f} / {o[ph]['p99']:.1f}" if ph in o else "-"
+            total = sum(o[ph]["p50"] for ph in ("to_worker", "between_legs", "to_client") if ph in o)
+            print(f"| {r['concurrency']} | {cell('to_worker')} | {cell('between_legs')} | "
+                  f"{cell('to_client')} | {total:.1f} |")
     os.makedirs(os.path.join(ROOT, "perf", "results"), exist_ok=True)
     out = os.path.join(ROOT, "perf", "results", time.strftime("pd-%Y%m%d-%H%M%S.json"))
     with open(out, "w") as f:

@@ -6,7 +6,22 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+#[cfg(test)]
+use std::time::Duration;
+
+/// Now, in nanoseconds of the monotonic clock (never 0). What the record's times are in:
+/// differences are integer subtractions, cheaper than `Instant`'s.
+#[inline]
+pub fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
+    }
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
 
 /// A counter with one writer (its shard); any thread may read it.
 #[derive(Default, Debug)]
@@ -46,10 +61,12 @@ pub const TTFT_BUCKETS: &[f64] = &[
     120.0,
 ];
 
-/// A histogram with fixed bounds; one writer.
+/// A histogram of durations with fixed bounds; one writer.
 #[derive(Debug)]
 pub struct Histogram {
     bounds: &'static [f64],
+    /// The bounds in nanoseconds, for the comparisons.
+    bounds_ns: Box<[u64]>,
     /// Per bucket (not cumulative), the last one for values above every bound.
     counts: Box<[Counter]>,
     sum_ns: Counter,
@@ -59,18 +76,29 @@ impl Histogram {
     pub fn new(bounds: &'static [f64]) -> Self {
         Histogram {
             bounds,
+            bounds_ns: bounds.iter().map(|b| (b * 1e9).round() as u64).collect(),
             counts: (0..=bounds.len()).map(|_| Counter::default()).collect(),
             sum_ns: Counter::default(),
         }
     }
 
+    /// Counts a duration of `ns` nanoseconds.
     #[inline]
-    pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        // `le` buckets: a value equal to a bound belongs to that bound's bucket.
-        let i = self.bounds.partition_point(|b| *b < secs);
+    pub fn observe_ns(&self, ns: u64) {
+        // `le` buckets: a value equal to a bound belongs to that bound's bucket. A linear
+        // scan: the values this sees sit in the first few buckets.
+        let i = self
+            .bounds_ns
+            .iter()
+            .position(|&b| ns <= b)
+            .unwrap_or(self.bounds_ns.len());
         self.counts[i].inc();
-        self.sum_ns.add(d.as_nanos() as u64);
+        self.sum_ns.add(ns);
+    }
+
+    #[cfg(test)]
+    fn observe(&self, d: Duration) {
+        self.observe_ns(d.as_nanos() as u64);
     }
 
     /// Adds this histogram's counts to `acc` (which has the same bounds).
@@ -414,18 +442,18 @@ impl ShardMetrics {
         })
     }
 
-    /// Counts a request that ended.
-    pub fn record(&self, r: &RequestRecord, end: Instant) {
+    /// Counts a request that ended at `end` (nanoseconds, as `now_ns`).
+    pub fn record(&self, r: &RequestRecord, end: u64) {
         if r.skip {
             return;
         }
         self.requests.inc();
         let route = &self.routes[r.route as usize];
-        let total = end.saturating_duration_since(r.start);
+        let total = end.saturating_sub(r.start);
         route.requests.inc();
-        route.duration.observe(total);
+        route.duration.observe_ns(total);
         if r.route.generates() {
-            self.generate.observe(total);
+            self.generate.observe_ns(total);
         }
         if r.retries > 0 {
             route.retries.add(r.retries as u64);
@@ -436,30 +464,28 @@ impl ShardMetrics {
         if let Some(e) = r.error_type() {
             route.errors[e as usize].inc();
         }
-        if let (Some(sent), Some(head)) = (r.sent, r.upstream_head) {
+        if r.sent != 0 && r.upstream_head != 0 {
             self.worker_ttfb
-                .observe(head.saturating_duration_since(sent));
+                .observe_ns(r.upstream_head.saturating_sub(r.sent));
         }
-        if let Some(first) = r.first_body {
-            self.ttft.observe(first.saturating_duration_since(r.start));
+        if r.first_body != 0 {
+            self.ttft.observe_ns(r.first_body.saturating_sub(r.start));
         }
-        if let (Some(ready), Some(sent)) = (r.ready, r.sent) {
-            if r.attempts == 1 {
-                let added = sent.saturating_duration_since(ready);
-                if r.pd && r.decode_started {
-                    self.added_between_legs.observe(added);
-                } else {
-                    self.added_to_worker.observe(added);
-                }
+        if r.ready != 0 && r.sent != 0 && r.attempts == 1 {
+            let added = r.sent.saturating_sub(r.ready);
+            if r.pd && r.decode_started {
+                self.added_between_legs.observe_ns(added);
+            } else {
+                self.added_to_worker.observe_ns(added);
             }
         }
-        if let (Some(head), Some(out)) = (r.upstream_head, r.client_head) {
+        if r.upstream_head != 0 && r.client_head != 0 {
             self.added_to_client
-                .observe(out.saturating_duration_since(head));
+                .observe_ns(r.client_head.saturating_sub(r.upstream_head));
         }
         if r.pd {
             route.pd_requests.inc();
-            route.pd_duration.observe(total);
+            route.pd_duration.observe_ns(total);
             if let Some(e) = r.pd_error() {
                 self.pd_errors[e as usize].inc();
             }
@@ -473,16 +499,16 @@ pub struct RequestRecord {
     pub route: Route,
     /// Not counted (the router's own endpoints: health probes, the admin API).
     pub skip: bool,
-    /// The request head read.
-    pub start: Instant,
+    /// Times, as `now_ns` (0: not yet). The request head read.
+    pub start: u64,
     /// The router had what it needed to send the current leg: the request body read, or
     /// in P/D mode the prefill response.
-    pub ready: Option<Instant>,
+    pub ready: u64,
     /// The current attempt's request written to its worker.
-    pub sent: Option<Instant>,
-    pub upstream_head: Option<Instant>,
-    pub client_head: Option<Instant>,
-    pub first_body: Option<Instant>,
+    pub sent: u64,
+    pub upstream_head: u64,
+    pub client_head: u64,
+    pub first_body: u64,
     /// The status the client got (0: none, the client left or the stream was cut before).
     pub status: u16,
     /// The router answered with an error of its own.
@@ -504,16 +530,16 @@ pub struct RequestRecord {
 }
 
 impl RequestRecord {
-    pub fn new(route: Route, start: Instant) -> Self {
+    pub fn new(route: Route, start: u64) -> Self {
         RequestRecord {
             route,
             skip: false,
             start,
-            ready: None,
-            sent: None,
-            upstream_head: None,
-            client_head: None,
-            first_body: None,
+            ready: 0,
+            sent: 0,
+            upstream_head: 0,
+            client_head: 0,
+            first_body: 0,
             status: 0,
             router_error: false,
             attempts: 0,
@@ -652,7 +678,7 @@ mod tests {
 
     #[test]
     fn errors_are_named_by_who_answered() {
-        let mut r = RequestRecord::new(Route::Completions, Instant::now());
+        let mut r = RequestRecord::new(Route::Completions, now_ns());
         r.status = 200;
         assert_eq!(r.error_type(), None);
         r.status = 404;

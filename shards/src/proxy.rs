@@ -31,7 +31,7 @@ use crate::breaker::{Admit, Breakers};
 use crate::config::DataPlaneConfig;
 use crate::http::response::write_simple;
 use crate::http::{ApiError, BodyFraming, ChunkedDecoder, Method, ParseOutcome, RequestHead};
-use crate::metrics::{Leg, RequestRecord, Route, ShardMetrics, WorkerCount};
+use crate::metrics::{now_ns, Leg, RequestRecord, Route, ShardMetrics, WorkerCount};
 use crate::retry::is_retryable_status;
 use crate::route::key::{body_session_key, routing_text, SESSION_HEADERS};
 use crate::route::{Candidates, RouteInput, Selector, Worker, WorkerSet};
@@ -253,7 +253,7 @@ pub async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) {
         rid: Vec::with_capacity(40),
         watch: Vec::new(),
         leg: Vec::new(),
-        rec: RequestRecord::new(Route::Other, std::time::Instant::now()),
+        rec: RequestRecord::new(Route::Other, now_ns()),
     };
     shard.metrics.connections.inc();
     let _closed = ConnectionClosed(&shard.metrics);
@@ -263,9 +263,9 @@ pub async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) {
             Ok(true) => {}
             Ok(false) => return,
             Err(e) => {
-                b.rec = RequestRecord::new(Route::Other, std::time::Instant::now());
+                b.rec = RequestRecord::new(Route::Other, now_ns());
                 respond_error(&mut wr, &mut b, &e, true).await;
-                shard.metrics.record(&b.rec, std::time::Instant::now());
+                shard.metrics.record(&b.rec, now_ns());
                 return;
             }
         }
@@ -447,9 +447,9 @@ async fn handle_request(
     let s = b.start;
     let path = &b.inbuf[s + b.head.path.start..s + b.head.path.end];
     let path = path.split(|&c| c == b'?').next().unwrap_or(path);
-    b.rec = RequestRecord::new(Route::of(path), std::time::Instant::now());
+    b.rec = RequestRecord::new(Route::of(path), now_ns());
     let next = handle_request_phases(shard, rd, wr, b).await;
-    let end = std::time::Instant::now();
+    let end = now_ns();
     shard.metrics.record(&b.rec, end);
     if shard.cfg.access_log && !b.rec.skip {
         log_access(shard, b, end);
@@ -458,7 +458,7 @@ async fn handle_request(
 }
 
 /// One line per request: id, route, status, worker(s), times.
-fn log_access(shard: &Shard, b: &Buffers, end: std::time::Instant) {
+fn log_access(shard: &Shard, b: &Buffers, end: u64) {
     let r = &b.rec;
     let url = |slot: Option<usize>, set: Option<&WorkerSet>| -> String {
         match (slot, set) {
@@ -475,9 +475,7 @@ fn log_access(shard: &Shard, b: &Buffers, end: std::time::Instant) {
         Some(pd) => url(r.prefill, Some(&pd.prefill.borrow())),
         None => "-".to_string(),
     };
-    let ms = |t: Option<std::time::Instant>| {
-        t.map(|t| t.saturating_duration_since(r.start).as_secs_f64() * 1e3)
-    };
+    let ms = |t: u64| (t != 0).then(|| t.saturating_sub(r.start) as f64 / 1e6);
     tracing::info!(
         target: "ringrouter::access",
         request_id = %String::from_utf8_lossy(&b.rid),
@@ -488,7 +486,7 @@ fn log_access(shard: &Shard, b: &Buffers, end: std::time::Instant) {
         attempts = r.attempts,
         error = %r.error_type().map(|e| e.label()).unwrap_or("-"),
         ttft_ms = ms(r.first_body),
-        total_ms = end.saturating_duration_since(r.start).as_secs_f64() * 1e3,
+        total_ms = end.saturating_sub(r.start) as f64 / 1e6,
         "request"
     );
 }
@@ -508,7 +506,7 @@ async fn handle_request_phases(
     }
     let body = match read_body(shard, rd, wr, b).await {
         Ok(body) => {
-            b.rec.ready = Some(std::time::Instant::now());
+            b.rec.ready = now_ns();
             body
         }
         Err(Some(e)) => {
@@ -1411,7 +1409,7 @@ async fn attempt<W: Future<Output = BufResult<usize, Vec<u8>>>>(
             same_worker: reused,
         };
     }
-    b.rec.sent = Some(std::time::Instant::now());
+    b.rec.sent = now_ns();
 
     // The response head.
     b.upbuf.clear();
@@ -1427,7 +1425,7 @@ async fn attempt<W: Future<Output = BufResult<usize, Vec<u8>>>>(
                 continue;
             }
             Ok(Some(head)) => {
-                b.rec.upstream_head = Some(std::time::Instant::now());
+                b.rec.upstream_head = now_ns();
                 shard.board.mark_up(w.slot);
                 if let Some((waiting, kv)) = head.load_report {
                     if let Some(n) = waiting {
@@ -1627,10 +1625,10 @@ async fn relay_body<W: Future<Output = BufResult<usize, Vec<u8>>>>(
         b.rec.client_gone = true;
         return Next::Close;
     }
-    let now = std::time::Instant::now();
-    b.rec.client_head = Some(now);
+    let now = now_ns();
+    b.rec.client_head = now;
     if body_bytes {
-        b.rec.first_body = Some(now);
+        b.rec.first_body = now;
     }
     release_request(b);
     if !matches!(left, BodyLeft::Done) {
@@ -1708,8 +1706,8 @@ async fn relay_body<W: Future<Output = BufResult<usize, Vec<u8>>>>(
             b.rec.client_gone = true;
             return Next::Close;
         }
-        if b.rec.first_body.is_none() {
-            b.rec.first_body = Some(std::time::Instant::now());
+        if b.rec.first_body == 0 {
+            b.rec.first_body = now_ns();
         }
         // Grow the read size for large bodies: a full read suggests more is waiting.
         if got == b.upbuf.capacity() && got < 256 * 1024 {

@@ -126,7 +126,7 @@ pub(super) async fn exchange_pd<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     };
 
     // The decode leg's body.
-    b.rec.ready = Some(std::time::Instant::now());
+    b.rec.ready = crate::metrics::now_ns();
     b.rec.decode_started = true;
     b.rec.leg = Leg::Decode;
     let kv = match KvTransferParams::from_prefill_response(&response) {
