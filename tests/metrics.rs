@@ -444,6 +444,11 @@ fn pd_requests_are_counted_per_leg() {
         ),
         4.0
     );
+    assert_eq!(
+        must(&text, "ringrouter_added_seconds_count{phase=\"to_worker\"}"),
+        4.0,
+        "the prefill legs'"
+    );
     assert!(text.contains("vllm_router_policy_decisions_total{policy=\"round_robin\",worker="));
     assert_eq!(
         must(

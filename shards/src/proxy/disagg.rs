@@ -125,7 +125,15 @@ pub(super) async fn exchange_pd<W: Future<Output = BufResult<usize, Vec<u8>>>>(
         Err(next) => return next,
     };
 
-    // The decode leg's body.
+    // The decode leg's body. (The prefill leg's own time first: the record keeps one
+    // leg's times.)
+    let r = &b.rec;
+    if r.attempts == 1 && r.ready != 0 && r.sent != 0 {
+        shard
+            .metrics
+            .added_to_worker
+            .observe_ns(r.sent.saturating_sub(r.ready));
+    }
     b.rec.ready = crate::metrics::now_ns();
     b.rec.decode_started = true;
     b.rec.leg = Leg::Decode;
