@@ -121,6 +121,11 @@ pub struct Cli {
     #[arg(long)]
     pub log_json: bool,
 
+    /// Check the flags (parsing and the checks made before anything starts) and exit: 0
+    /// when they are valid. For tests of deployment manifests.
+    #[arg(long, hide = true)]
+    pub check_config: bool,
+
     /// [ringrouter] Number of shards (threads with their own io runtime and listener);
     /// default: one per core.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]

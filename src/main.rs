@@ -52,6 +52,11 @@ fn main() -> ExitCode {
         );
     }
 
+    if cli.check_config {
+        println!("ringrouter: flags ok");
+        return ExitCode::SUCCESS;
+    }
+
     // The demo's workers live as long as the process.
     let demo = if cli.demo {
         match demo::start_workers() {
