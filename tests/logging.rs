@@ -210,3 +210,54 @@ fn bad_log_level_is_refused_listing_the_names() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("warning") && err.contains("critical"), "{err}");
 }
+
+#[test]
+fn the_access_log_goes_to_the_log_dir_as_json_whatever_the_level() {
+    let m = mocks(1, |_| {});
+    let dir = scratch("access");
+    let mut args: Vec<String> = [
+        "--access-log",
+        "--log-json",
+        "--log-level",
+        "critical",
+        "--log-dir",
+        dir.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(worker_args(&m));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let r = Router::start(&args);
+    let resp = exchange(
+        r.addr,
+        &post_json(
+            "/v1/completions",
+            r#"{"model":"mock-model","prompt":"hi","max_tokens":2}"#,
+        ),
+    );
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let id = resp.header("x-request-id").unwrap().to_string();
+    let file = dir.join("ringrouter.log");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let line = loop {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        let events = json_lines(&text);
+        if let Some(e) = events
+            .into_iter()
+            .find(|e| e["target"] == "ringrouter::access")
+        {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "no access line in {text}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(line["request_id"], id.as_str(), "{line}");
+    assert_eq!(line["status"], 200, "{line}");
+    assert_eq!(line["route"], "/v1/completions", "{line}");
+    // critical: the rest of the info lines are not there.
+    assert!(!std::fs::read_to_string(&file)
+        .unwrap()
+        .contains("ringrouter ready"));
+    drop(r);
+    let _ = std::fs::remove_dir_all(&dir);
+}
