@@ -36,6 +36,13 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "cargo test"
 cargo test --workspace
 
+if [ "${SKIP_DOCKER_BUILD:-0}" != 1 ]; then
+  # The Dockerfile's release build, as the Dockerfile runs it (no Docker engine here):
+  # minutes, in target/docker. SKIP_DOCKER_BUILD=1 leaves it out.
+  step "Dockerfile's cargo build (tools/docker-build-check.sh)"
+  tools/docker-build-check.sh
+fi
+
 step "openai client end-to-end (pytest)"
 cargo build --workspace --bins
 "$PY" -m pytest -q tests/e2e

@@ -108,9 +108,23 @@ pub struct Cli {
     #[arg(long, default_value_t = 1800, value_parser = clap::value_parser!(u64).range(1..))]
     pub request_timeout_secs: u64,
 
-    /// Log level.
-    #[arg(long, default_value = "info", value_parser = ["trace", "debug", "info", "warn", "error"])]
+    /// Log level (vllm-router's `warning` and `critical` are `warn` and `error`; `RUST_LOG`
+    /// overrides).
+    #[arg(long, default_value = "info", value_parser = log_level_parser())]
     pub log_level: String,
+
+    /// Also write the log to `ringrouter.log` in this directory (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub log_dir: Option<std::path::PathBuf>,
+
+    /// [ringrouter] Log JSON lines (one object per event) instead of key=value text.
+    #[arg(long)]
+    pub log_json: bool,
+
+    /// Check the flags (parsing and the checks made before anything starts) and exit: 0
+    /// when they are valid. For tests of deployment manifests.
+    #[arg(long, hide = true)]
+    pub check_config: bool,
 
     /// [ringrouter] Number of shards (threads with their own io runtime and listener);
     /// default: one per core.
@@ -313,6 +327,22 @@ fn parse_ratio(s: &str) -> Result<f64, String> {
     }
 }
 
+/// `--log-level`: ours and vllm-router's names, as the `tracing` level they mean.
+fn log_level_parser() -> impl clap::builder::TypedValueParser<Value = String> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new([
+        "trace", "debug", "info", "warn", "warning", "error", "critical",
+    ])
+    .map(|s| {
+        match s.as_str() {
+            "warning" => "warn",
+            "critical" => "error",
+            other => other,
+        }
+        .to_string()
+    })
+}
+
 fn parse_positive(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
@@ -492,6 +522,25 @@ mod tests {
         assert_eq!(h.interval.as_secs(), 60);
         assert_eq!((h.failure_threshold, h.success_threshold), (3, 2));
         assert_eq!(h.endpoint, "/health");
+    }
+
+    #[test]
+    fn log_level_takes_vllm_routers_names_too() {
+        for (given, level) in [
+            ("trace", "trace"),
+            ("debug", "debug"),
+            ("info", "info"),
+            ("warn", "warn"),
+            ("warning", "warn"),
+            ("error", "error"),
+            ("critical", "error"),
+        ] {
+            let cli = Cli::try_parse_from(["ringrouter", "--log-level", given]).unwrap();
+            assert_eq!(cli.log_level, level, "--log-level {given}");
+        }
+        assert!(Cli::try_parse_from(["ringrouter", "--log-level", "verbose"]).is_err());
+        let cli = Cli::try_parse_from(["ringrouter"]).unwrap();
+        assert!(cli.log_dir.is_none() && !cli.log_json);
     }
 
     #[test]

@@ -5,30 +5,26 @@ mod cli;
 mod control;
 mod demo;
 mod dp;
+mod logging;
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
 use cli::Cli;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(format!("{},monoio=warn", cli.log_level)));
-    // The access log is asked for on its own: it shows whatever the level.
-    let filter = if cli.access_log {
-        filter.add_directive("ringrouter::access=info".parse().expect("a directive"))
-    } else {
-        filter
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+    if let Err(e) = logging::init(
+        &cli.log_level,
+        cli.access_log,
+        cli.log_dir.as_deref(),
+        cli.log_json,
+    ) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
 
     let pd_mode = cli.pd_disaggregation;
     let pd_workers = match cli.pd_workers() {
@@ -54,6 +50,11 @@ fn main() -> ExitCode {
             "--prefill-selector and --decode-selector are for P/D mode \
              (--vllm-pd-disaggregation): ignored (pods matching --selector are regular workers)"
         );
+    }
+
+    if cli.check_config {
+        println!("ringrouter: flags ok");
+        return ExitCode::SUCCESS;
     }
 
     // The demo's workers live as long as the process.
