@@ -3,8 +3,10 @@
 //! load and breaker, all sent to `http://h:p` with `X-data-parallel-rank: r`. URLs written
 //! with a rank are kept as given (a node that owns global ranks 4..7 is `@4` .. `@7`).
 //!
-//! How many ranks a server runs: its `/get_server_info` `dp_size` if it answers (SGLang
-//! does; vLLM answers 404, so the flag's value is the normal case, and is logged).
+//! How many ranks a server runs: at start, its `/get_server_info` `dp_size` if it answers
+//! (SGLang does; vLLM answers 404, so the flag's value is the normal case, and is logged).
+//! Workers added at run time (admin API, discovery) get the flag's value without a probe
+//! (`Registry::add_server`).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

@@ -119,6 +119,7 @@ fn main() -> ExitCode {
         plane.metrics.clone(),
         cli.health_config(),
     );
+    registry.set_dp_size(dp_size);
     use control::membership::Role;
     let flagged = worker_urls
         .iter()

@@ -279,3 +279,62 @@ fn in_pd_mode_pods_are_prefill_or_decode_workers_by_their_selectors() {
     assert_eq!(w[0].stats().prefill_legs, 3);
     assert_eq!(w[1].stats().decode_legs, 3);
 }
+
+#[test]
+fn with_data_parallelism_a_pod_is_its_ranks() {
+    let (port, w) = pod_workers(2);
+    let url = |i: usize| format!("http://127.0.0.{}:{port}", 2 + i);
+    let cluster = Cluster::new();
+    cluster.put(pod("a", "127.0.0.2").json());
+    let api = cluster.serve_in_thread().unwrap();
+    let kubeconfig = Kubeconfig::write(&api.url());
+    let port_arg = port.to_string();
+    let r = Router::start_env(
+        &[("KUBECONFIG", kubeconfig.path())],
+        &[
+            "--service-discovery",
+            "--selector",
+            "app=vllm",
+            "--service-discovery-port",
+            &port_arg,
+            "--intra-node-data-parallel-size",
+            "2",
+            "--policy",
+            "round_robin",
+            "--shards",
+            "1",
+        ],
+    )
+    .unwrap();
+    let ranks = |m: &MockServer| -> Vec<String> {
+        let mut r: Vec<String> = m
+            .received()
+            .iter()
+            .filter(|r| r.path.starts_with("/v1/"))
+            .map(|r| r.header("x-data-parallel-rank").unwrap_or("none").into())
+            .collect();
+        r.sort();
+        r
+    };
+    wait_for_workers(&r, &[format!("{}@0", url(0)), format!("{}@1", url(0))]);
+    assert_eq!(served_by(&r, 4), names(&["pod-0"]));
+    assert_eq!(ranks(&w[0]), ["0", "0", "1", "1"]);
+
+    cluster.put(pod("b", "127.0.0.3").json());
+    wait_for_workers(
+        &r,
+        &[
+            format!("{}@0", url(0)),
+            format!("{}@1", url(0)),
+            format!("{}@0", url(1)),
+            format!("{}@1", url(1)),
+        ],
+    );
+    // Deleted: all its ranks go.
+    cluster.delete("default", "a");
+    wait_for_workers(&r, &[format!("{}@0", url(1)), format!("{}@1", url(1))]);
+    let a_requests = w[0].stats().requests;
+    assert_eq!(served_by(&r, 4), names(&["pod-1"]));
+    assert_eq!(ranks(&w[1]), ["0", "0", "1", "1"]);
+    assert_eq!(w[0].stats().requests, a_requests);
+}

@@ -7,7 +7,7 @@ use shards::admin::{AdminCall, AdminReply};
 use shards::http::ApiError;
 
 use super::membership::Role;
-use super::registry::{AddError, Entry, Health, Registry};
+use super::registry::{normalize, AddError, Entry, Health, Registry};
 
 /// What an admin call changed (the caller publishes and starts health checks).
 pub enum Effect {
@@ -126,17 +126,26 @@ pub fn handle(reg: &mut Registry, call: &AdminCall) -> (AdminReply, Effect) {
     }
 }
 
+/// Adds the targets `url` names: with `--intra-node-data-parallel-size N` a rank-less URL
+/// is its N ranks, all or none (`Registry::add_server`). The answer names the URL as given
+/// (normalised), as vllm-router's does.
 fn add(reg: &mut Registry, url: &str, role: Role, rest: bool) -> (AdminReply, Effect) {
-    match reg.add(url, role) {
-        Ok(e) => {
-            let url = e.worker.url.clone();
-            let msg = format!("Successfully added worker: {url}");
+    match reg.add_server(url, role) {
+        Ok(added) => {
+            let first = added.first().cloned().unwrap_or_default();
+            let named = if added.len() == 1 {
+                first.clone()
+            } else {
+                normalize(url).to_string()
+            };
+            let msg = format!("Successfully added worker: {named}");
             let reply = if rest {
                 json(200, &serde_json::json!({"success": true, "message": msg}))
             } else {
                 text(200, msg)
             };
-            (reply, Effect::Added(url))
+            // The health check is per server: any rank's URL names it.
+            (reply, Effect::Added(first))
         }
         Err(AddError::Exists) => (
             error(400, &format!("Worker {url} already exists")),
@@ -153,22 +162,24 @@ fn add(reg: &mut Registry, url: &str, role: Role, rest: bool) -> (AdminReply, Ef
     }
 }
 
+/// Removes the targets `url` names: a rank-less URL all the server's ranks, `url@r` that
+/// rank (`Registry::remove_server`).
 fn remove(reg: &mut Registry, url: &str, rest: bool) -> (AdminReply, Effect) {
-    match reg.remove(url) {
-        Some(e) => {
-            let url = &e.worker.url;
-            let reply = if rest {
-                json(
-                    200,
-                    &serde_json::json!({"success": true, "message": format!("Worker {url} removed successfully")}),
-                )
-            } else {
-                text(200, format!("Successfully removed worker: {url}"))
-            };
-            (reply, Effect::Removed)
-        }
-        None => (not_found(url), Effect::None),
-    }
+    let removed = reg.remove_server(url);
+    let url = match removed.as_slice() {
+        [] => return (not_found(url), Effect::None),
+        [one] => one.worker.url.clone(),
+        _ => normalize(url).to_string(),
+    };
+    let reply = if rest {
+        json(
+            200,
+            &serde_json::json!({"success": true, "message": format!("Worker {url} removed successfully")}),
+        )
+    } else {
+        text(200, format!("Successfully removed worker: {url}"))
+    };
+    (reply, Effect::Removed)
 }
 
 fn describe(reg: &Registry, e: &Entry) -> serde_json::Value {

@@ -217,35 +217,136 @@ async fn run(mut c: Control, ready: std::sync::mpsc::Sender<Result<(), String>>)
     }
 }
 
-/// Applies a change from a membership source; returns the URL of a worker to check.
+/// Applies a change from a membership source; returns the URL of a worker to check. A
+/// rank-less URL is the server's data-parallel ranks (`Registry::add_server`,
+/// `remove_server`).
 fn apply(reg: &mut Registry, change: MembershipChange) -> Option<String> {
     match change {
         MembershipChange::Add { url, role } => {
-            if let Some(e) = reg.get(&url) {
-                if e.role == role {
+            let have = reg.named(&url);
+            let mut removed = false;
+            if !have.is_empty() {
+                if have.iter().all(|e| e.role == role) {
                     return None;
                 }
-                reg.remove(&url);
+                // Its role changed: the server comes back in the new one.
+                removed = !reg.remove_server(&url).is_empty();
             }
-            match reg.add(&url, role) {
-                Ok(e) => {
-                    let url = e.worker.url.clone();
-                    tracing::info!(worker = %url, "worker added");
+            match reg.add_server(&url, role) {
+                Ok(added) => {
+                    tracing::info!(worker = %url, targets = ?added, "worker added");
                     reg.publish();
-                    Some(url)
+                    added.into_iter().next()
                 }
                 Err(e) => {
                     tracing::warn!(worker = %url, error = ?e, "cannot add worker");
+                    if removed {
+                        reg.publish();
+                    }
                     None
                 }
             }
         }
         MembershipChange::Remove { url } => {
-            if reg.remove(&url).is_some() {
-                tracing::info!(worker = %url, "worker removed");
+            let removed = reg.remove_server(&url);
+            if !removed.is_empty() {
+                tracing::info!(worker = %url, targets = removed.len(), "worker removed");
                 reg.publish();
             }
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::membership::Role;
+    use super::*;
+    use shards::breaker::{BreakerConfig, Breakers};
+    use shards::metrics::Metrics;
+    use shards::route::WorkerSet;
+
+    fn registry(dp_size: u32) -> (Registry, Arc<Directory>) {
+        let directory = Arc::new(Directory::new(WorkerSet::default()));
+        let mut r = Registry::new(
+            directory.clone(),
+            Arc::new(LoadBoard::new(1, 8)),
+            Arc::new(Breakers::new(8, BreakerConfig::default())),
+            Arc::new(Metrics::new(1, 8)),
+            registry::HealthConfig {
+                enabled: false,
+                interval: Duration::from_secs(60),
+                timeout: Duration::from_secs(5),
+                endpoint: "/health".into(),
+                failure_threshold: 3,
+                success_threshold: 2,
+                startup_timeout: Duration::ZERO,
+                startup_check_interval: Duration::from_secs(1),
+            },
+        );
+        r.set_dp_size(dp_size);
+        (r, directory)
+    }
+
+    fn published(r: &Registry) -> Vec<(String, shards::route::WorkerRole)> {
+        r.entries()
+            .iter()
+            .map(|e| (e.worker.url.clone(), e.worker.role))
+            .collect()
+    }
+
+    fn add(url: &str, role: Role) -> MembershipChange {
+        MembershipChange::Add {
+            url: url.into(),
+            role,
+        }
+    }
+
+    #[test]
+    fn discovered_servers_are_their_ranks_and_leave_together() {
+        use shards::route::WorkerRole::{Decode, Prefill};
+        let (mut r, directory) = registry(2);
+        let p = "http://10.0.0.1:8000";
+        let d = "http://10.0.0.2:8000";
+        let prefill = Role::Prefill {
+            bootstrap_port: Some(8998),
+        };
+        let check = apply(&mut r, add(p, prefill.clone()));
+        assert_eq!(check.as_deref().map(host_url), Some(p));
+        apply(&mut r, add(d, Role::Decode));
+        assert_eq!(
+            published(&r),
+            [
+                (format!("{p}@0"), Prefill),
+                (format!("{p}@1"), Prefill),
+                (format!("{d}@0"), Decode),
+                (format!("{d}@1"), Decode),
+            ]
+        );
+        assert_eq!(directory.current().len(), 4, "published");
+        assert!(r.entries()[..2].iter().all(|e| e.role == prefill));
+
+        // Announced again with the same role: nothing changes.
+        assert_eq!(apply(&mut r, add(p, prefill.clone())), None);
+        assert_eq!(r.entries().len(), 4);
+
+        // Its role changed: all its ranks come back in the new one.
+        apply(&mut r, add(p, Role::Decode));
+        assert_eq!(
+            published(&r),
+            [
+                (format!("{d}@0"), Decode),
+                (format!("{d}@1"), Decode),
+                (format!("{p}@0"), Decode),
+                (format!("{p}@1"), Decode),
+            ]
+        );
+
+        apply(&mut r, MembershipChange::Remove { url: p.into() });
+        assert_eq!(
+            published(&r),
+            [(format!("{d}@0"), Decode), (format!("{d}@1"), Decode)]
+        );
+        assert_eq!(directory.current().len(), 2, "published");
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use shards::breaker::Breakers;
 use shards::metrics::Metrics;
-use shards::route::{parse_worker_url, Worker, WorkerRole, WorkerSet};
+use shards::route::{host_url, parse_worker_url, Worker, WorkerRole, WorkerSet};
 use shards::sync::{Directory, LoadBoard};
 
 use super::membership::Role;
@@ -65,6 +65,9 @@ pub struct Registry {
     /// In the order workers were added.
     entries: Vec<Entry>,
     epoch: u64,
+    /// `--intra-node-data-parallel-size`: how many ranks a rank-less URL added at run time
+    /// (admin API, discovery) becomes; 1 leaves URLs as given.
+    dp_size: u32,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -91,7 +94,14 @@ impl Registry {
             health,
             entries: Vec::new(),
             epoch,
+            dp_size: 1,
         }
+    }
+
+    /// Sets how many data-parallel ranks a rank-less URL added at run time becomes
+    /// (`--intra-node-data-parallel-size`; 0 and 1 both mean no expansion).
+    pub fn set_dp_size(&mut self, size: u32) {
+        self.dp_size = size.max(1);
     }
 
     pub fn entries(&self) -> &[Entry] {
@@ -103,15 +113,62 @@ impl Registry {
         self.entries.iter().find(|e| e.worker.url == url)
     }
 
-    /// Adds a worker (not yet published: call `publish`). With health checks on, it is
-    /// routable only after its first good check.
+    /// Adds one routing target, `url` as given (not yet published: call `publish`). With
+    /// health checks on, it is routable only after its first good check. The start-up
+    /// workers come here already expanded to their ranks (`dp::expand`); run-time sources
+    /// use `add_server`.
     pub fn add(&mut self, url: &str, role: Role) -> Result<&Entry, AddError> {
         if self.get(url).is_some() {
             return Err(AddError::Exists);
         }
         let slot = self.free_slot().ok_or(AddError::Full(self.board.slots()))?;
-        let mut worker =
-            parse_worker_url(url, slot).map_err(|e| AddError::Invalid(e.to_string()))?;
+        let worker = parse_worker_url(url, slot).map_err(|e| AddError::Invalid(e.to_string()))?;
+        Ok(self.insert(worker, role))
+    }
+
+    /// Adds the targets `url` names, as the admin API and discovery announce them (not yet
+    /// published): with a data-parallel size N > 1 a rank-less `http://h:p` is its N ranks
+    /// `http://h:p@0` .. `@N-1`, all or none (`Full` when the table cannot hold them all,
+    /// `Exists` when the server or any of its ranks is there already); a URL with `@rank`,
+    /// or any URL when N is 1, is the one target `add` makes. Each rank gets `role` (a
+    /// prefill worker's bootstrap port included). Returns the URLs added.
+    ///
+    /// N is the flag's value: unlike at start (`dp::expand`), the server's
+    /// `/get_server_info` is not asked, since that probe is blocking std I/O and this runs
+    /// on the control plane's tokio thread.
+    pub fn add_server(&mut self, url: &str, role: Role) -> Result<Vec<String>, AddError> {
+        let mut base = parse_worker_url(url, 0).map_err(|e| AddError::Invalid(e.to_string()))?;
+        if base.dp_rank.is_some() || self.dp_size <= 1 {
+            if self.get(&base.url).is_some() {
+                return Err(AddError::Exists);
+            }
+            base.slot = self.free_slot().ok_or(AddError::Full(self.board.slots()))?;
+            return Ok(vec![self.insert(base, role).worker.url.clone()]);
+        }
+        if !self.named(&base.url).is_empty() {
+            return Err(AddError::Exists);
+        }
+        let slots = self
+            .free_slots(self.dp_size as usize)
+            .ok_or(AddError::Full(self.board.slots()))?;
+        let mut added = Vec::with_capacity(slots.len());
+        for (rank, slot) in (0..self.dp_size).zip(slots) {
+            let worker = Worker {
+                url: format!("{}@{rank}", base.url),
+                authority: base.authority.clone(),
+                addr: base.addr,
+                slot,
+                role: WorkerRole::Regular,
+                dp_rank: Some(rank),
+            };
+            added.push(self.insert(worker, role.clone()).worker.url.clone());
+        }
+        Ok(added)
+    }
+
+    /// Makes `worker` (in a free slot) a member with `role`.
+    fn insert(&mut self, mut worker: Worker, role: Role) -> &Entry {
+        let slot = worker.slot;
         worker.role = match role {
             Role::Regular => WorkerRole::Regular,
             Role::Prefill { .. } => WorkerRole::Prefill,
@@ -133,24 +190,64 @@ impl Registry {
             fail_streak: 0,
             last_error: None,
         });
-        Ok(self.entries.last().expect("just pushed"))
+        self.entries.last().expect("just pushed")
     }
 
-    /// Removes a worker (not yet published). Its requests in flight finish.
-    pub fn remove(&mut self, url: &str) -> Option<Entry> {
+    /// The members `url` names: with `@rank`, that target; without, the server's targets
+    /// (itself or all its ranks).
+    pub fn named(&self, url: &str) -> Vec<&Entry> {
         let url = normalize(url);
-        let i = self.entries.iter().position(|e| e.worker.url == url)?;
-        Some(self.entries.remove(i))
+        let has_rank = host_url(url) != url;
+        self.entries
+            .iter()
+            .filter(|e| {
+                if has_rank {
+                    e.worker.url == url
+                } else {
+                    e.worker.host_url() == url
+                }
+            })
+            .collect()
+    }
+
+    /// Removes the members `url` names (see `named`: a rank-less URL removes all the
+    /// server's ranks, `url@r` just that rank), not yet published; returns them in the
+    /// order they were added. Their requests in flight finish.
+    pub fn remove_server(&mut self, url: &str) -> Vec<Entry> {
+        let urls: Vec<String> = self
+            .named(url)
+            .iter()
+            .map(|e| e.worker.url.clone())
+            .collect();
+        let mut removed = Vec::with_capacity(urls.len());
+        let mut i = 0;
+        while i < self.entries.len() {
+            if urls.contains(&self.entries[i].worker.url) {
+                removed.push(self.entries.remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        removed
     }
 
     /// The lowest slot no member holds and nothing is in flight on (a removed worker's
     /// slot is reused only once its last request ended).
     fn free_slot(&self) -> Option<usize> {
+        self.free_slots(1).map(|s| s[0])
+    }
+
+    /// The `n` lowest free slots (as `free_slot`), or `None` if there are fewer.
+    fn free_slots(&self, n: usize) -> Option<Vec<usize>> {
         let mut used = vec![false; self.board.slots()];
         for e in &self.entries {
             used[e.worker.slot] = true;
         }
-        (0..used.len()).find(|&s| !used[s] && self.board.in_flight(s) == 0)
+        let free: Vec<usize> = (0..used.len())
+            .filter(|&s| !used[s] && self.board.in_flight(s) == 0)
+            .take(n)
+            .collect();
+        (free.len() == n).then_some(free)
     }
 
     /// The first worker served by the server at `host` (a URL without `@rank`).
@@ -326,7 +423,7 @@ mod tests {
         r.add("http://127.0.0.1:9002", Role::Regular).unwrap();
         assert_eq!(r.get("http://127.0.0.1:9001").unwrap().worker.slot, 0);
         r.board.started(0, 0);
-        r.remove("http://127.0.0.1:9001/").unwrap();
+        assert_eq!(r.remove_server("http://127.0.0.1:9001/").len(), 1);
         let s = r
             .add("http://127.0.0.1:9003", Role::Regular)
             .unwrap()
@@ -349,5 +446,135 @@ mod tests {
             r.add("http://127.0.0.1:9006", Role::Regular).err(),
             Some(AddError::Full(4))
         );
+    }
+
+    fn urls(r: &Registry) -> Vec<&str> {
+        r.entries().iter().map(|e| e.worker.url.as_str()).collect()
+    }
+
+    #[test]
+    fn a_rank_less_server_added_at_run_time_is_its_ranks() {
+        let mut r = registry(false);
+        r.set_dp_size(2);
+        let u = "http://127.0.0.1:9001";
+        let added = r
+            .add_server(
+                &format!("{u}/"),
+                Role::Prefill {
+                    bootstrap_port: Some(8998),
+                },
+            )
+            .unwrap();
+        assert_eq!(added, [format!("{u}@0"), format!("{u}@1")]);
+        assert_eq!(urls(&r), [format!("{u}@0"), format!("{u}@1")]);
+        for (rank, e) in r.entries().iter().enumerate() {
+            assert_eq!(e.worker.dp_rank, Some(rank as u32));
+            assert_eq!(e.worker.slot, rank);
+            assert_eq!(e.worker.host_url(), u);
+            assert_eq!(e.worker.role, WorkerRole::Prefill);
+            assert_eq!(
+                e.role,
+                Role::Prefill {
+                    bootstrap_port: Some(8998)
+                }
+            );
+        }
+        assert_eq!(r.add_server(u, Role::Regular).err(), Some(AddError::Exists));
+        assert_eq!(
+            r.add_server(&format!("{u}@1"), Role::Regular).err(),
+            Some(AddError::Exists)
+        );
+        // An explicit rank is one target, as given.
+        let added = r.add_server(&format!("{u}@7"), Role::Decode).unwrap();
+        assert_eq!(added, [format!("{u}@7")]);
+        assert_eq!(r.get(&format!("{u}@7")).unwrap().worker.dp_rank, Some(7));
+        // Rank-less: a server some rank of which is there already is there.
+        assert_eq!(
+            r.add_server("http://127.0.0.1:9002@0", Role::Regular)
+                .unwrap(),
+            ["http://127.0.0.1:9002@0"]
+        );
+        assert_eq!(
+            r.add_server("http://127.0.0.1:9002", Role::Regular).err(),
+            Some(AddError::Exists)
+        );
+        assert!(matches!(
+            r.add_server("ftp://x", Role::Regular),
+            Err(AddError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn a_server_whose_ranks_do_not_all_fit_adds_none() {
+        let mut r = registry(false);
+        r.set_dp_size(3);
+        r.add_server("http://127.0.0.1:9001@0", Role::Regular)
+            .unwrap();
+        r.add_server("http://127.0.0.1:9001@1", Role::Regular)
+            .unwrap();
+        assert_eq!(
+            r.add_server("http://127.0.0.1:9002", Role::Regular).err(),
+            Some(AddError::Full(4))
+        );
+        assert_eq!(r.entries().len(), 2);
+        // Two slots free: two ranks fit one at a time, not three at once.
+        r.set_dp_size(2);
+        r.add_server("http://127.0.0.1:9002", Role::Regular)
+            .unwrap();
+        assert_eq!(r.entries().len(), 4);
+    }
+
+    #[test]
+    fn size_one_adds_urls_as_given() {
+        let mut r = registry(false);
+        r.set_dp_size(1);
+        let added = r
+            .add_server("http://127.0.0.1:9001", Role::Regular)
+            .unwrap();
+        assert_eq!(added, ["http://127.0.0.1:9001"]);
+        assert_eq!(r.entries()[0].worker.dp_rank, None);
+    }
+
+    #[test]
+    fn removing_a_rank_less_url_removes_all_its_ranks() {
+        let mut r = registry(false);
+        r.set_dp_size(2);
+        let u = "http://127.0.0.1:9001";
+        r.add_server(u, Role::Regular).unwrap();
+        r.add_server("http://127.0.0.1:9002", Role::Regular)
+            .unwrap();
+        let gone = r.remove_server(&format!("{u}@1"));
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].worker.url, format!("{u}@1"));
+        assert!(r.remove_server(&format!("{u}@1")).is_empty());
+        r.add_server(&format!("{u}@1"), Role::Regular).unwrap();
+        let gone: Vec<String> = r
+            .remove_server(&format!("{u}/"))
+            .into_iter()
+            .map(|e| e.worker.url.clone())
+            .collect();
+        assert_eq!(gone, [format!("{u}@0"), format!("{u}@1")]);
+        assert_eq!(
+            urls(&r),
+            ["http://127.0.0.1:9002@0", "http://127.0.0.1:9002@1"]
+        );
+        // Another server whose address starts the same is not this one's rank.
+        assert!(r.remove_server("http://127.0.0.1:900").is_empty());
+        assert!(r.remove_server("http://127.0.0.1:1").is_empty());
+    }
+
+    #[test]
+    fn ranks_share_one_health_check() {
+        let mut r = registry(true);
+        r.set_dp_size(2);
+        r.add_server("http://127.0.0.1:9001", Role::Regular)
+            .unwrap();
+        assert_eq!(
+            r.record_check("http://127.0.0.1:9001", Ok(())),
+            Some(Health::Healthy)
+        );
+        assert!(r.entries().iter().all(|e| e.health == Health::Healthy));
+        r.publish();
+        assert_eq!(r.directory.current().len(), 2);
     }
 }
