@@ -65,8 +65,9 @@ pub struct Cli {
     pub decode_policy: Option<Policy>,
 
     /// Data-parallel ranks per worker: each worker URL without an explicit rank becomes
-    /// URL@0 .. URL@N-1, each its own routing target, sent `X-data-parallel-rank` (the
-    /// worker's /get_server_info `dp_size` is used instead when it answers).
+    /// URL@0 .. URL@N-1, each its own routing target, sent `X-data-parallel-rank` (for
+    /// workers given at start, the worker's /get_server_info `dp_size` is used instead when
+    /// it answers; workers added or discovered later get N ranks).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub intra_node_data_parallel_size: u32,
 
