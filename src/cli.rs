@@ -185,6 +185,10 @@ pub struct Cli {
 
     #[command(flatten)]
     pub discovery: crate::control::discovery::DiscoveryArgs,
+
+    /// vllm-router's flags for features ringrouter does not have.
+    #[command(flatten, next_help_heading = "vllm-router flags not supported")]
+    pub vllm_router_only: crate::compat::VllmRouterOnly,
 }
 
 /// Health checks, circuit breakers, retries, admission and auth (vllm-router's names and
@@ -352,11 +356,22 @@ fn parse_positive(s: &str) -> Result<f64, String> {
 }
 
 fn parse_policy(s: &str) -> Result<Policy, String> {
-    s.parse()
+    match s {
+        "kv_aware" => Err(concat!(
+            "vllm-router's kv_aware (routing by KV events) is not supported by ringrouter; ",
+            "cache_aware or load_aware route by prompt prefix"
+        )
+        .into()),
+        "sticky_least_loaded" => Err(concat!(
+            "vllm-router's sticky_least_loaded is not supported by ringrouter; ",
+            "consistent_hash keeps sessions on a worker"
+        )
+        .into()),
+        _ => s.parse(),
+    }
 }
 
 impl Cli {
-    /// The data plane's configuration for these flags and the given worker URLs.
     /// The data plane's settings; it starts with no workers (the control plane publishes
     /// them).
     pub fn data_plane_config(&self) -> DataPlaneConfig {

@@ -2,6 +2,7 @@
 //! on loopback give the router something to route to.
 
 mod cli;
+mod compat;
 mod control;
 mod demo;
 mod dp;
@@ -24,6 +25,18 @@ fn main() -> ExitCode {
     ) {
         eprintln!("error: {e}");
         return ExitCode::from(2);
+    }
+
+    match cli.vllm_router_only.check() {
+        Ok(ignored) => {
+            for flag in ignored {
+                tracing::warn!("{flag} (vllm-router) has no effect in ringrouter: ignored");
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
     }
 
     let pd_mode = cli.pd_disaggregation;
