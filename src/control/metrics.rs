@@ -56,8 +56,15 @@ pub async fn serve(listener: std::net::TcpListener, scrapes: mpsc::UnboundedSend
         }
     };
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors and the like: back off rather than spin (this runtime
+                // also runs the control loop).
+                tracing::warn!(error = %e, "metrics: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let scrapes = scrapes.clone();
         tokio::spawn(async move {

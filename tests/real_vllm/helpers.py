@@ -342,6 +342,7 @@ class Router:
         self.cmd = cmd
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.stderr_lines: list[str] = []
+        self.stalls: list[float] = []
         threading.Thread(target=self._drain_stderr, daemon=True).start()
         deadline = time.monotonic() + 30
         self.url = None
@@ -365,8 +366,22 @@ class Router:
 
     def loads(self) -> dict[str, dict]:
         """`GET /get_loads`, per worker URL: `load` (the router's requests in flight) and
-        `reported` (what the worker last said about its load: running, waiting, KV usage)."""
-        return {w["worker"]: w for w in get(self.url, "/get_loads", timeout=10).json()["workers"]}
+        `reported` (what the worker last said about its load: running, waiting, KV usage).
+        Asked again on a new connection if an answer takes over 10 s (once, in CI, on a host
+        saturated by two vLLM servers' floods, one did; the stall is kept in `stalls`), and
+        a failure says how long the router took and what it logged."""
+        for attempt in range(3):
+            t0 = time.monotonic()
+            try:
+                return {w["worker"]: w
+                        for w in get(self.url, "/get_loads", timeout=10).json()["workers"]}
+            except TimeoutError:
+                self.stalls.append(time.monotonic() - t0)
+                if attempt == 2:
+                    raise AssertionError(
+                        f"/get_loads unanswered 3 x 10 s; router alive: {self.proc.poll() is None}; "
+                        f"its log:\n{self.log()[-4000:]}") from None
+        raise AssertionError("unreachable")
 
     def workers(self) -> dict[str, dict]:
         """`GET /workers`, per worker URL (health, breaker, load)."""

@@ -134,8 +134,10 @@ def test_router_reads_vllms_gauges_from_metrics(two, model, max_num_seqs, idle):
         wait_for(lambda: reported(r, a) == idle_view and reported(r, b) == idle_view, 10,
                  every=0.1, what="the router reads both servers idle")
         sampler = Sampler(r)
-        # n sequences in n / max_num_seqs requests: A full at once, the rest queued behind
-        flood = Flood(a.url, model, n // max_num_seqs, tag="gauge", choices=max_num_seqs)
+        # One request of n sequences: A full and the rest queued the moment vLLM reads it (a
+        # vLLM API server busy generating on a small host reads each new connection seconds
+        # after the last, so n requests would trickle in).
+        flood = Flood(a.url, model, 1, tag="gauge", choices=n)
         offsets = [s.log_size() for s in two]
         rids = []
         deadline = time.monotonic() + 60
@@ -179,10 +181,12 @@ def test_router_reads_vllms_gauges_from_metrics(two, model, max_num_seqs, idle):
 
 def test_router_reads_the_in_band_load_report(two, logs, model, max_num_seqs, idle):
     """Scraping off: only vLLM's endpoint-load-metrics header can tell the router. A fills
-    its running slots (F1: one request sent directly, with `n` = A's slots); a burst of short requests goes through the
-    router, about half to A, where they queue behind F1; more requests (F2, direct) queue
-    behind them. When A answers the router's requests, F2 is still waiting, and A's
-    answers say so: the router's /get_loads shows it, and every later request goes to B."""
+    its running slots (F1: one request sent directly, with `n` = A's slots); a burst of
+    requests goes through the router, about half to A, where they queue behind F1; more
+    sequences (F2, one direct request) queue behind them. While A runs the router's requests
+    (2,000 tokens each, so that F2 is read meanwhile however late a busy vLLM reads its
+    sockets), F2 is waiting, and A's answers say so: the router's /get_loads shows it,
+    and every later request goes to B."""
     a, b = two
     n = flood_size(max_num_seqs, rounds=4)
     r = Router([s.url for s in two], "--policy", "power_of_two", "--load-scrape-interval-ms", "0")
@@ -199,20 +203,22 @@ def test_router_reads_the_in_band_load_report(two, logs, model, max_num_seqs, id
         burst, results = [f"burst-{uuid.uuid4().hex[:8]}-{i}" for i in range(6)], {}
 
         def send(rid):
-            results[rid] = post(r.url, "/v1/completions", completion(model), {"X-Request-Id": rid},
-                                timeout=120)
+            body = completion(model, max_tokens=2000, ignore_eos=True)
+            results[rid] = post(r.url, "/v1/completions", body, {"X-Request-Id": rid},
+                                timeout=180)
 
         threads = [threading.Thread(target=send, args=(rid,)) for rid in burst]
         for t in threads:
             t.start()
         # F2 as soon as A has the burst's share queued (power_of_two alternates a burst
         # between two idle servers, so A gets about half), well before F1 ends
-        wait_for(lambda: any(a.saw_request(rid, offsets[0]) for rid in burst), 20, every=0.02,
+        # (vLLM may read it only once F1 is done: tens of seconds on a small host)
+        wait_for(lambda: any(a.saw_request(rid, offsets[0]) for rid in burst), 90, every=0.02,
                  what="the burst reaches A")
         time.sleep(0.2)
-        f2 = Flood(a.url, model, n // max_num_seqs, tag="inband-f2", choices=max_num_seqs)
+        f2 = Flood(a.url, model, 1, tag="inband-f2", choices=n)
         for t in threads:
-            t.join(120)
+            t.join(180)
         assert all(results[rid].status == 200 for rid in burst)
         on_a = [rid for rid in burst if served_by(two, rid, offsets) == [0]]
         if not on_a:
