@@ -470,11 +470,13 @@ fn log_access(shard: &Shard, b: &Buffers, end: u64) {
         }
     };
     let workers = shard.workers.borrow().clone();
-    let worker = url(r.worker, Some(&workers));
-    let prefill = match &shard.pd {
-        Some(pd) => url(r.prefill, Some(&pd.prefill.borrow())),
-        None => "-".to_string(),
+    let prefill_set = shard.pd.as_ref().map(|pd| pd.prefill.borrow().clone());
+    // The client's answer may be a prefill worker's (its refusal passed on).
+    let worker = match (r.worker, &prefill_set) {
+        (Some(slot), Some(p)) if workers.by_slot(slot).is_none() => url(Some(slot), Some(p)),
+        _ => url(r.worker, Some(&workers)),
     };
+    let prefill = url(r.prefill, prefill_set.as_deref());
     let ms = |t: u64| (t != 0).then(|| t.saturating_sub(r.start) as f64 / 1e6);
     tracing::info!(
         target: "ringrouter::access",
