@@ -13,13 +13,14 @@ Without `REAL_VLLM_URLS` every test here is skipped, so plain `pytest` works wit
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
 
 import pytest
 
-from helpers import BIN, VllmServer, gauge, get, metrics
+from helpers import BIN, Conn, VllmServer, build_request, gauge, get, metrics, post
 
 URLS = [u.strip().rstrip("/") for u in os.environ.get("REAL_VLLM_URLS", "").split(",") if u.strip()]
 LOGS = [l.strip() for l in os.environ.get("REAL_VLLM_LOGS", "").split(",") if l.strip()]
@@ -48,7 +49,35 @@ def servers() -> list[VllmServer]:
     for s in out:
         r = get(s.url, "/health", timeout=10)
         assert r.status == 200, f"{s.url}/health answered {r.status}"
+    for s in out:
+        warm_up(s)
     return out
+
+
+def warm_up(s: VllmServer):
+    """A fresh vLLM is slow on its first requests (in CI it once took 9 s to notice a client
+    leaving its first stream, where later ones take well under a second): every test times
+    a server that has served completions and chat, streamed and not, and aborted a stream."""
+    model = get(s.url, "/v1/models", timeout=30).json()["data"][0]["id"]
+    for path, body in [
+        ("/v1/completions", {"prompt": "warm up", "max_tokens": 32}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "warm up"}],
+                                  "max_tokens": 32}),
+    ]:
+        for stream in (False, True):
+            r = post(s.url, path, {"model": model, **body, "stream": stream}, timeout=120)
+            assert r.status == 200, f"warm-up {path}: {r.status}"
+    c = Conn(s.url)
+    try:
+        c.send(build_request("POST", "/v1/completions", "x", json.dumps(
+            {"model": model, "prompt": "warm up", "max_tokens": 2000, "ignore_eos": True,
+             "stream": True}).encode()))
+        assert c.read_head()[0] == 200
+        for _ in range(3):
+            assert c.read_chunk() is not None
+    finally:
+        c.close()
+    settle(s)
 
 
 @pytest.fixture(scope="session")
