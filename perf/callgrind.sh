@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 N=${1:-2000}
 POLICY=${2:-round_robin}
 MODE=${3:-plain}
-BIN=target/release
+BIN=${BIN:-target/release}
 command -v valgrind >/dev/null || { echo "valgrind is needed (apt-get install valgrind)"; exit 2; }
 [ -x "$BIN/ringrouter" ] && [ -x "$BIN/mock-vllm" ] && [ -x "$BIN/loadgen" ] || \
   cargo build --release -p ringrouter -p mock-vllm -p loadgen

@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-9900}; ITL=${2:-500}; TOKENS=${3:-40}
-BIN=target/release
+BIN=${BIN:-target/release}
 ulimit -n "$(ulimit -Hn)"
 work=$(mktemp -d)
 cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }

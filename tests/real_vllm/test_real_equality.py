@@ -99,7 +99,10 @@ def test_answer_is_vllms_own(servers, router, model, case, same_id):
         if extra.get("stream"):
             events = routed.events()
             assert events[-1] == b"data: [DONE]"
-            assert len(events) > 3
+            # (How many events carry the tokens is vLLM's choice: a busy API server puts
+            # all 12 in one. That the router streams them as they come is checked byte for
+            # byte through the tap below.)
+            assert len(events) >= 2
 
 
 @pytest.mark.parametrize("case", list(CASES))
