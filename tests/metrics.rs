@@ -332,6 +332,42 @@ fn a_stream_cut_mid_response_is_a_stream_error() {
 }
 
 #[test]
+fn a_worker_failing_every_request_is_logged_once_a_second_and_counted_every_time() {
+    let m = mocks(1, |c| {
+        c.drop_after = Some(1);
+        c.tokens = 10;
+    });
+    let mut args = worker_args(&m);
+    args.extend(["--shards", "1", "--disable-circuit-breaker"].map(String::from));
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let r = Router::start(&a);
+    let t0 = std::time::Instant::now();
+    for _ in 0..20 {
+        let resp = exchange(r.addr, &completion("mock-model", true));
+        assert!(resp.text().contains("BadGatewayError"), "{}", resp.text());
+    }
+    let secs = t0.elapsed().as_secs() as usize;
+    let text = scrape_after(&r, 20);
+    assert_eq!(
+        must(
+            &text,
+            "vllm_router_request_errors_total{route=\"/v1/completions\",error_type=\"stream_error\"}"
+        ),
+        20.0
+    );
+    let lines = r
+        .log()
+        .lines()
+        .filter(|l| l.contains("worker closed the connection mid-response"))
+        .count();
+    assert!(
+        (1..=secs + 1).contains(&lines),
+        "{lines} lines for 20 failures in {secs} s:\n{}",
+        r.log()
+    );
+}
+
+#[test]
 fn a_slot_reused_by_a_new_worker_starts_from_zero() {
     let a = mocks(1, |c| c.name = "a".into());
     let b = mocks(1, |c| c.name = "b".into());

@@ -74,6 +74,33 @@ pub struct Shard {
     pub pd: Option<disagg::PdRouting>,
     /// This shard's counters (written here only).
     pub metrics: Arc<ShardMetrics>,
+    /// Warnings that every request of a failing worker would repeat, one per second each.
+    pub warn_closed: WarnGate,
+    pub warn_silent: WarnGate,
+    pub warn_no_kv: WarnGate,
+}
+
+/// At most one line of a kind per second per shard: a worker that fails under load fails
+/// every request it has, and the log says so once a second, with how many lines that one
+/// stands for, instead of thousands of times (the metrics count every one).
+#[derive(Default)]
+pub struct WarnGate {
+    last_ns: Cell<u64>,
+    suppressed: Cell<u64>,
+}
+
+impl WarnGate {
+    /// `Some(lines not logged since the last one)` when this one should be logged.
+    pub fn pass(&self) -> Option<u64> {
+        let now = now_ns();
+        if self.last_ns.get() == 0 || now.saturating_sub(self.last_ns.get()) >= 1_000_000_000 {
+            self.last_ns.set(now);
+            Some(self.suppressed.replace(0))
+        } else {
+            self.suppressed.set(self.suppressed.get() + 1);
+            None
+        }
+    }
 }
 
 impl Shard {
@@ -1651,7 +1678,9 @@ async fn relay_body<W: Future<Output = BufResult<usize, Vec<u8>>>>(
                 abort_upstream(&up);
                 cut_mid_stream(shard, b, worker);
                 let why = if let Interrupt::Idle = i {
-                    tracing::warn!(worker = %worker.url, idle_secs = shard.cfg.stream_idle_timeout.as_secs_f64(), "worker went silent mid-response; cutting it");
+                    if let Some(suppressed) = shard.warn_silent.pass() {
+                        tracing::warn!(worker = %worker.url, idle_secs = shard.cfg.stream_idle_timeout.as_secs_f64(), suppressed, "worker went silent mid-response; cutting it");
+                    }
                     "the worker sent nothing for longer than the stream idle timeout"
                 } else {
                     "the request took longer than --request-timeout-secs"
@@ -1670,7 +1699,9 @@ async fn relay_body<W: Future<Output = BufResult<usize, Vec<u8>>>>(
             }
             // The worker closed (or reset) mid-body.
             cut_mid_stream(shard, b, worker);
-            tracing::warn!(worker = %worker.url, "worker closed the connection mid-response");
+            if let Some(suppressed) = shard.warn_closed.pass() {
+                tracing::warn!(worker = %worker.url, suppressed, "worker closed the connection mid-response");
+            }
             return end_with_error(
                 wr,
                 &left,

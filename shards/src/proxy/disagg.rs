@@ -146,7 +146,9 @@ pub(super) async fn exchange_pd<W: Future<Output = BufResult<usize, Vec<u8>>>>(
         }
         Ok(None) => {
             b.rec.no_kv = true;
-            tracing::warn!(worker = %worker.url, "prefill worker answered without kv_transfer_params");
+            if let Some(suppressed) = shard.warn_no_kv.pass() {
+                tracing::warn!(worker = %worker.url, suppressed, "prefill worker answered without kv_transfer_params");
+            }
             let e = ApiError::new(
                 502,
                 "the prefill worker answered without kv_transfer_params (is it running vLLM \
