@@ -198,8 +198,11 @@ def test_router_reads_the_in_band_load_report(two, logs, model, max_num_seqs, id
         offsets = [s.log_size() for s in two]
         # as long as the context allows (8192): F1 must outlast the burst's arrival and F2's
         f1 = Flood(a.url, model, 1, max_tokens=8000, tag="inband-f1", choices=max_num_seqs)
-        wait_for(lambda: metrics(a.url).get("vllm:num_requests_running", 0) == max_num_seqs, 20,
-                 every=0.02, what="F1 runs on A")
+        # A is idle: once its engine has F1's sequences it runs them all. (Read from vLLM's
+        # log, not its /metrics, which a vLLM this busy answers only after many seconds.)
+        added = re.compile(r"Added request \d+_cmpl-inband-f1-")
+        wait_for(lambda: len(added.findall(a.log_since(offsets[0]))) >= max_num_seqs, 60,
+                 every=0.05, what="F1's sequences added on A")
         burst, results = [f"burst-{uuid.uuid4().hex[:8]}-{i}" for i in range(6)], {}
 
         def send(rid):
