@@ -39,15 +39,6 @@ fn workers_are_listed_added_and_removed_over_http() {
     }
 }
 
-fn call(r: &Router, method: &str, path: &str, body: &str) -> Response {
-    let raw = format!(
-        "{method} {path} HTTP/1.1\r\nHost: router\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    exchange(r.addr, raw.as_bytes())
-}
-
 fn encoded(url: &str) -> String {
     url.replace(':', "%3A").replace('/', "%2F")
 }

@@ -175,15 +175,6 @@ fn pd_legs_carry_their_ranks() {
     assert_eq!(got, ["0", "1"]);
 }
 
-fn call(r: &Router, method: &str, path: &str, body: &str) -> Response {
-    let raw = format!(
-        "{method} {path} HTTP/1.1\r\nHost: router\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    exchange(r.addr, raw.as_bytes())
-}
-
 fn list_workers(r: &Router) -> Value {
     let resp = call(r, "GET", "/list_workers", "");
     assert_eq!(resp.status, 200, "{}", resp.text());

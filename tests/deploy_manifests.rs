@@ -10,11 +10,10 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -686,50 +685,9 @@ fn router_under(filter: Vec<libc::sock_filter>, env: &[(&str, &str)], args: &[St
             Ok(())
         });
     }
-    let mut child = cmd.spawn().expect("spawn the router under the profile");
-    let stdout = child.stdout.take().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let log2 = log.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let mut l = log2.lock().unwrap();
-            l.push_str(&line);
-            l.push('\n');
-        }
-    });
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut metrics = None;
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(a) = line
-                .strip_prefix("ringrouter metrics on http://")
-                .and_then(|a| a.strip_suffix("/metrics"))
-            {
-                metrics = Some(a.parse::<SocketAddr>().unwrap());
-            }
-            if let Some(a) = line.strip_prefix("ringrouter listening on http://") {
-                let _ = tx.send((a.parse::<SocketAddr>().unwrap(), metrics));
-            }
-        }
-    });
-    match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok((addr, metrics)) => Router {
-            child,
-            addr,
-            metrics,
-            stderr: log,
-        },
-        Err(_) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            std::thread::sleep(Duration::from_millis(100));
-            panic!(
-                "the router did not start under the profile: {}",
-                log.lock().unwrap()
-            );
-        }
-    }
+    let child = cmd.spawn().expect("spawn the router under the profile");
+    Router::attach(child, Duration::from_secs(30))
+        .unwrap_or_else(|log| panic!("the router did not start under the profile: {log}"))
 }
 
 /// Whether this kernel lets this process set up an io_uring at all.

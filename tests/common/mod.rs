@@ -70,7 +70,14 @@ impl Router {
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn ringrouter");
+        let child = cmd.spawn().expect("spawn ringrouter");
+        Self::attach(child, Duration::from_secs(20))
+    }
+
+    /// Follows a spawned router (stdout and stderr piped): its stderr is collected, and once
+    /// it prints its listening line (after the metrics one) it is a `Router`. `Err` carries
+    /// the stderr of a router that exited or did not listen within `within`.
+    pub fn attach(mut child: Child, within: Duration) -> Result<Router, String> {
         let stdout = child.stdout.take().unwrap();
         let stderr = child.stderr.take().unwrap();
         let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
@@ -97,7 +104,7 @@ impl Router {
                 }
             }
         });
-        match rx.recv_timeout(Duration::from_secs(20)) {
+        match rx.recv_timeout(within) {
             Ok((addr, metrics)) => Ok(Router {
                 child,
                 addr,
@@ -344,6 +351,16 @@ pub fn post_json(path: &str, body: &str) -> Vec<u8> {
         body.len()
     )
     .into_bytes()
+}
+
+/// `method path` with a JSON `body` to the router (the worker admin API and the like).
+pub fn call(r: &Router, method: &str, path: &str, body: &str) -> Response {
+    let raw = format!(
+        "{method} {path} HTTP/1.1\r\nHost: router\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    exchange(r.addr, raw.as_bytes())
 }
 
 pub fn get(path: &str) -> Vec<u8> {
