@@ -88,7 +88,11 @@ class Servers:
         if r.returncode != 0:
             raise SystemExit("real-vllm.sh ensure failed:\n" + r.stdout[-2000:] + r.stderr[-2000:])
         log(f"starting real vLLM on {ports} (about two minutes)")
+        # VLLM_NICE 5: the servers' scheduler autogroups yield to the routers and the load
+        # generator, which a generating server otherwise starves here for seconds at a time
+        # (see real-vllm.sh); on separate hosts, as in production, they would not compete.
         env = dict(os.environ, VLLM_ROOT=vllm_root(), VLLM_READY_TIMEOUT="720")
+        env.setdefault("VLLM_NICE", "5")
         procs = [subprocess.Popen([str(CTL), "start", "--served-model-name", MODEL, *vllm_args],
                                   env=dict(env, VLLM_PORT_HTTP=str(p)), stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True) for p in ports]

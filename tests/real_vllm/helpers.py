@@ -383,6 +383,11 @@ class Router:
                         f"its log:\n{self.log()[-4000:]}") from None
         raise AssertionError("unreachable")
 
+    def connections_to(self, port: int) -> set[int]:
+        """The router's established TCP connections to `port` on loopback, as socket inodes
+        (from /proc: its file descriptors, and the kernel's TCP tables)."""
+        return established_to(self.proc.pid, port)
+
     def workers(self) -> dict[str, dict]:
         """`GET /workers`, per worker URL (health, breaker, load)."""
         return {w["url"]: w for w in get(self.url, "/workers", timeout=10).json()["workers"]}
@@ -391,6 +396,33 @@ class Router:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(10)
+
+
+def established_to(pid: int, port: int) -> set[int]:
+    """Socket inodes of process `pid`'s ESTABLISHED TCP connections whose remote port is
+    `port` (IPv4 or IPv6)."""
+    mine = set()
+    fd_dir = Path(f"/proc/{pid}/fd")
+    for fd in fd_dir.iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:["):
+            mine.add(int(target[8:-1]))
+    out = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            remote_port = int(f[2].rsplit(":", 1)[1], 16)
+            # state 01: ESTABLISHED; field 9: the socket's inode
+            if remote_port == port and f[3] == "01" and int(f[9]) in mine:
+                out.add(int(f[9]))
+    return out
 
 
 def ringrouter_help() -> str:

@@ -1,7 +1,14 @@
 """A client that leaves makes vLLM stop generating: the router shuts its connection to vLLM
-at once, vLLM notices the disconnect and aborts the request. vLLM is the witness: its
-`vllm:num_requests_running` returns to 0 within a second and its log says
-`Request <id> aborted.` (the servers run with `--enable-log-requests`)."""
+at once, vLLM notices the disconnect and aborts the request. Two witnesses: the kernel (the
+router's connection to vLLM is gone within a second of the client leaving) and vLLM (its
+`vllm:num_requests_running` returns to 0 and its log says `Request <id> aborted.`; the
+servers run with `--enable-log-requests`).
+
+How long vLLM takes to notice is vLLM's own affair: a few tens of milliseconds here once its
+servers no longer starve the host (see `tools/real-vllm/real-vllm.sh`, autogroup nice), but
+seconds when they did (CI once saw over 5 s). It is printed and bounded loosely (10 s, well
+short of the 8,000 tokens' natural end); the router's part, closing the connection, is held
+to 2 s."""
 
 from __future__ import annotations
 
@@ -44,6 +51,7 @@ def test_client_leaving_makes_vllm_abort(a, logs, router, model, case, idle):
     before = a.log_size()
     body = json.dumps({"model": model, **LONG, **extra}).encode()
     c = Conn(router.url)
+    carrying = set()
     try:
         c.send(build_request("POST", path, "x", body, {"X-Request-Id": rid}))
         if extra.get("stream"):
@@ -55,12 +63,19 @@ def test_client_leaving_makes_vllm_abort(a, logs, router, model, case, idle):
         wait_for(lambda: f"Added request {vllm_id}" in a.log_since(before), 20,
                  what=f"vLLM starts {vllm_id}")
         wait_for(lambda: running(a) >= 1, 10, what="vLLM counts it running")
+        # the router's connections to vLLM now: one of them carries the request
+        carrying = router.connections_to(a.port)
+        assert carrying, "the router holds no connection to vLLM while vLLM runs its request"
     finally:
         left = time.monotonic()
         c.close()
-    wait_for(lambda: running(a) == 0, 5, every=0.02, what="num_requests_running back to 0")
+    wait_for(lambda: carrying - router.connections_to(a.port), 2, every=0.01,
+             what="the router closes its connection to vLLM")
+    closed = time.monotonic() - left
+    wait_for(lambda: running(a) == 0, 10, every=0.02, what="num_requests_running back to 0")
     took = time.monotonic() - left
-    assert took < 1.0, f"vLLM stopped {took:.2f} s after the client left"
+    print(f"\n{case}: router closed its vLLM connection {closed * 1000:.0f} ms after the client "
+          f"left; vLLM stopped running the request {took:.2f} s after")
     log = wait_for(lambda: (lambda t: t if re.search(rf"Request {re.escape(vllm_id)} aborted", t) else None)(
         a.log_since(before)), 5, what=f"vLLM logs aborting {vllm_id}")
     assert f"Aborted request(s) {vllm_id}" in log
