@@ -127,6 +127,10 @@ def test_killed_vllm_is_routed_around_and_rejoins_after_health_checks(two, logs,
         events = [e for e in b"".join(chunks).split(b"\n\n") if e]
         assert events[-1] == b"data: [DONE]", events[-3:]
         err = json.loads(events[-2][len(b"data: "):])
+        if "choices" in err:
+            raise AssertionError(
+                f"the stream ended before the kill ({len(events)} events, last {err['choices']}): "
+                "this test process was not scheduled while vLLM generated 8000 tokens")
         assert list(err) == ["error"] and list(err["error"]) == ["message", "type", "param", "code"], err
         assert (err["error"]["type"], err["error"]["code"]) == ("BadGatewayError", 502), err
         assert events[-2].startswith(b'data: {"error": {"message": '), "json.dumps spacing, as vLLM's"
