@@ -70,6 +70,20 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
 
+    // Signals are caught from here on: one that arrives while the router starts is answered
+    // by a drain once it listens, never by the default action, which would kill streams
+    // that the first clients (told by the "listening" line) already have in flight.
+    let signals = match signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: cannot install signal handlers: {e}");
+            return ExitCode::from(1);
+        }
+    };
+
     // The demo's workers live as long as the process.
     let demo = if cli.demo {
         match demo::start_workers() {
@@ -230,6 +244,7 @@ fn main() -> ExitCode {
     let _ = out.flush();
     drop(out);
     drain_on_signal(
+        signals,
         &plane,
         std::time::Duration::from_secs(cli.shutdown_grace_secs),
     )
@@ -254,15 +269,11 @@ fn bind_prometheus(cli: &Cli) -> Result<Option<std::net::TcpListener>, String> {
 
 /// Waits for SIGTERM or SIGINT, then drains: no new connections, /readiness 503, requests
 /// in flight finish (bounded by `grace`; a second signal cuts it short), exit 0.
-fn drain_on_signal(plane: &shards::DataPlane, grace: std::time::Duration) -> ExitCode {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = match signal_hook::iterator::Signals::new([SIGTERM, SIGINT]) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: cannot install signal handlers: {e}");
-            return ExitCode::from(1);
-        }
-    };
+fn drain_on_signal(
+    mut signals: signal_hook::iterator::Signals,
+    plane: &shards::DataPlane,
+    grace: std::time::Duration,
+) -> ExitCode {
     let Some(sig) = signals.forever().next() else {
         return ExitCode::SUCCESS;
     };

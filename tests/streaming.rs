@@ -413,6 +413,43 @@ fn a_worker_that_refuses_connections_is_routed_around() {
 }
 
 #[test]
+fn sigterm_while_starting_is_a_drain_not_a_kill() {
+    // A worker that accepts (the kernel's backlog) and never answers: the router's first
+    // health round waits out its 2 s timeout before the router says it listens.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", silent.local_addr().unwrap());
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ringrouter"))
+        .args(["--port", "0", "--no-pin-cores", "--prometheus-port", "0"])
+        .args(["--worker-urls", &url, "--load-scrape-interval-ms", "0"])
+        .args([
+            "--health-check-interval-secs",
+            "1",
+            "--health-check-timeout-secs",
+            "2",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let mut log = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    let status = child.wait().unwrap();
+    // Not killed by the signal's default action: it started, drained (nothing in flight)
+    // and exited 0.
+    assert!(status.success(), "{status:?}\n{log}");
+    assert!(log.contains("draining"), "{log}");
+}
+
+#[test]
 fn sigterm_drains_streams_in_flight_then_exits_zero() {
     let m = mocks(1, |c| c.itl = Duration::from_millis(50));
     let mut r = Router::start(&["--worker-urls", &m[0].url(), "--shutdown-grace-secs", "20"]);
