@@ -9,6 +9,9 @@ mocks' own TTFT measured directly at the same concurrency. The router's share is
     TTFT(router) - prefill_ms - TTFT(decode direct)
 at p50 and p99, i.e. everything the router adds: two upstream exchanges, the body splices,
 reading the prefill answer, and its own scheduling (plus the prefill mock's own turnaround).
+A second column subtracts the prefill leg measured directly (the same NIXL prefill request
+sent straight to a prefill mock at the same concurrency, its whole exchange) instead of the
+configured prefill time: what the router adds over a client that ran both legs itself.
 
 ringrouter also measures its own time on its own clock (`ringrouter_added_seconds` on its
 /metrics, read after each cell): request read → prefill leg written (to_worker), prefill
@@ -64,14 +67,25 @@ def mocks(n, port, extra):
     return p, urls
 
 
-def loadgen(url, conc, requests):
+# The prefill leg as the router sends it (perf/../shards/src/pd/splice.rs): non-streamed,
+# one token, NIXL's request for a remote decode.
+NIXL_PREFILL = ('{"kv_transfer_params":{"do_remote_decode":true,"do_remote_prefill":false,'
+                '"remote_engine_id":null,"remote_block_ids":null,"remote_host":null,'
+                '"remote_port":null}}')
+
+
+def loadgen(url, conc, requests, prefill_leg=False):
+    """TTFT (streamed 16-token completions) or, with `prefill_leg`, the whole exchange of a
+    prefill leg sent straight to a prefill worker."""
+    shape = (["--no-stream", "--max-tokens", "1", "--body-extra", NIXL_PREFILL] if prefill_leg
+             else ["--stream", "--ignore-eos", "--max-tokens", "16"])
     out = subprocess.run(
-        [f"{BIN}/loadgen", "--url", url, "--model", "mock-model", "--stream", "--ignore-eos",
-         "--max-tokens", "16", "--prompt-bytes", "256", "--concurrency", str(conc),
+        [f"{BIN}/loadgen", "--url", url, "--model", "mock-model", *shape,
+         "--prompt-bytes", "256", "--concurrency", str(conc),
          "--requests", str(requests), "--warmup", "1", "--json", "--quiet"],
         capture_output=True, text=True)
     r = json.loads(out.stdout)
-    t = r["latency_us"]["ttft"]
+    t = r["latency_us"]["total" if prefill_leg else "ttft"]
     return {"p50": t["p50"], "p99": t["p99"], "rps": r["requests_per_sec"],
             "failed": r["requests"]["failed"], "errors": r["errors"]["by_kind"]}
 
@@ -136,7 +150,7 @@ def start_router(name, prefill, decode):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=2000)
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[16, 128])
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 128])
     ap.add_argument("--prefill-ms", type=float, default=50)
     ap.add_argument("--decode-ttft-ms", type=float, default=20)
     ap.add_argument("--targets", nargs="+", default=["ringrouter", "vllm-router"])
@@ -149,6 +163,9 @@ def main():
     try:
         for c in a.concurrency:
             direct = loadgen(decode[0], c, a.requests)
+            # What a client doing both legs itself would wait for: the prefill leg's whole
+            # exchange (the configured prefill time and the mock's own HTTP turnaround).
+            prefill_direct = loadgen(prefill[0], c, a.requests, prefill_leg=True)
             for name in a.targets:
                 if name == "vllm-router" and not os.path.exists(VLLM_ROUTER):
                     print("skip vllm-router: run perf/run.py once to install it", file=sys.stderr)
@@ -171,6 +188,10 @@ def main():
                     "ttft_p50_us": r["p50"], "ttft_p99_us": r["p99"],
                     "router_p50_us": r["p50"] - prefill_us - direct["p50"],
                     "router_p99_us": r["p99"] - prefill_us - direct["p99"],
+                    # the same, less the prefill leg measured directly rather than configured
+                    "router_vs_legs_p50_us": r["p50"] - prefill_direct["p50"] - direct["p50"],
+                    "router_vs_legs_p99_us": r["p99"] - prefill_direct["p99"] - direct["p99"],
+                    "direct_prefill_p50_us": prefill_direct["p50"],
                     "direct_decode_p50_us": direct["p50"], "req_per_s": r["rps"],
                     "failed": r["failed"], "errors": r["errors"],
                     "own_time_us": own,
@@ -178,12 +199,14 @@ def main():
     finally:
         pp.kill()
         dp.kill()
-    print("| concurrency | target | TTFT p50 / p99 (ms) | router's share p50 / p99 (µs) | req/s | failed |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: |")
+    print("| concurrency | target | TTFT p50 / p99 (ms) | router's share p50 / p99 (µs) "
+          "| share over both legs sent directly, p50 / p99 (µs) | req/s | failed |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['concurrency']} | {r['target']} | {r['ttft_p50_us']/1000:.2f} / "
               f"{r['ttft_p99_us']/1000:.2f} | {r['router_p50_us']:,.0f} / "
-              f"{r['router_p99_us']:,.0f} | {r['req_per_s']:.0f} | {r['failed']} |")
+              f"{r['router_p99_us']:,.0f} | {r['router_vs_legs_p50_us']:,.0f} / "
+              f"{r['router_vs_legs_p99_us']:,.0f} | {r['req_per_s']:.0f} | {r['failed']} |")
     own = [r for r in rows if r["own_time_us"]]
     if own:
         print("\nringrouter's own time, on its clock (p50 / p99, µs):\n")

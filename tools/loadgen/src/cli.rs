@@ -76,6 +76,11 @@ pub struct Args {
     #[arg(long)]
     pub ignore_eos: bool,
 
+    /// Fields added to every request body, as a JSON object (e.g. vLLM's
+    /// `{"kv_transfer_params": {...}}` to send prefill legs straight to a worker).
+    #[arg(long, value_name = "JSON")]
+    pub body_extra: Option<String>,
+
     /// Shared-prefix mode: G groups; each prompt is 80% its group's text + 20% unique text.
     #[arg(long, default_value_t = 0)]
     pub prefix_groups: usize,
@@ -173,6 +178,8 @@ pub struct Config {
     pub max_tokens: u32,
     pub include_usage: bool,
     pub ignore_eos: bool,
+    /// `,"k":v` for each field of `--body-extra` (empty without it).
+    pub body_extra: String,
     pub prefix_groups: usize,
     pub group_select: GroupSelect,
     /// (name, value) pairs, already trimmed.
@@ -189,6 +196,36 @@ pub struct Config {
     pub json: bool,
     pub quiet: bool,
     pub fail_on_error: bool,
+}
+
+/// The fields of `--body-extra` as body text: `,"k":v` each. Fields loadgen writes itself
+/// are refused (a body with a key twice means different things to different parsers).
+fn body_extra(text: &str) -> Result<String, String> {
+    const OWN: [&str; 7] = [
+        "model",
+        "prompt",
+        "messages",
+        "max_tokens",
+        "stream",
+        "stream_options",
+        "ignore_eos",
+    ];
+    let v: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("--body-extra: not JSON: {e}"))?;
+    let serde_json::Value::Object(fields) = v else {
+        return Err("--body-extra: expected a JSON object".into());
+    };
+    let mut out = String::new();
+    for (k, v) in &fields {
+        if OWN.contains(&k.as_str()) {
+            return Err(format!("--body-extra: {k:?} is set by loadgen's own flags"));
+        }
+        out.push(',');
+        out.push_str(&serde_json::to_string(k).expect("string serializes"));
+        out.push(':');
+        out.push_str(&v.to_string());
+    }
+    Ok(out)
 }
 
 fn seconds(flag: &str, v: f64) -> Result<Duration, String> {
@@ -256,6 +293,10 @@ impl Args {
             }
             headers.push((k.to_string(), v.to_string()));
         }
+        let body_extra = match &self.body_extra {
+            None => String::new(),
+            Some(text) => body_extra(text)?,
+        };
         if self.worker_header.is_empty() || !self.worker_header.bytes().all(is_token_byte) {
             return Err(format!(
                 "--worker-header: bad header name {:?}",
@@ -271,6 +312,7 @@ impl Args {
             max_tokens: self.max_tokens,
             include_usage: self.include_usage,
             ignore_eos: self.ignore_eos,
+            body_extra,
             prefix_groups: self.prefix_groups,
             group_select: self.group_select,
             headers,
@@ -348,6 +390,16 @@ mod tests {
             vec![("X-A".into(), "b:c".into()), ("y".into(), "z".into())]
         );
         assert!(config(&["--header", "novalue"]).is_err());
+        let c = config(&[
+            "--body-extra",
+            r#"{"kv_transfer_params":{"do_remote_decode":true}}"#,
+        ]);
+        assert_eq!(
+            c.unwrap().body_extra,
+            r#","kv_transfer_params":{"do_remote_decode":true}"#
+        );
+        assert!(config(&["--body-extra", "[1]"]).is_err());
+        assert!(config(&["--body-extra", r#"{"stream":true}"#]).is_err());
         assert!(config(&["--header", "bad name: v"]).is_err());
     }
 }

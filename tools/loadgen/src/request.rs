@@ -224,6 +224,7 @@ fn build_variant(
     if cfg.ignore_eos {
         body.push_str(",\"ignore_eos\":true");
     }
+    body.push_str(&cfg.body_extra);
     body.push('}');
 
     let mut head = format!(
