@@ -146,7 +146,9 @@ impl ShardAdmission {
             }
             let wake_at = (now + RECHECK).min(give_up);
             let mut parked = false;
-            let mut sleep = std::pin::pin!(monoio::time::sleep_until(wake_at));
+            // Boxed: monoio's timer is 640 bytes, 128-aligned, and only a queued request
+            // waits on it; inline, every connection's task would carry it.
+            let mut sleep = Box::pin(monoio::time::sleep_until(wake_at));
             poll_fn(|cx| {
                 // Polling the sleep arms its timer (the recheck for other shards' releases).
                 if sleep.as_mut().poll(cx).is_ready() {

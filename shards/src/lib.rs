@@ -34,6 +34,7 @@ pub mod retry;
 pub mod route;
 pub mod shard;
 pub mod sync;
+pub mod timer;
 pub mod upstream;
 
 pub use config::{DataPlaneConfig, IoDriver};

@@ -21,7 +21,9 @@ use monoio::io::{
     OwnedWriteHalf, Splitable,
 };
 use monoio::net::TcpStream;
-use monoio::time::{sleep_until, timeout_at, Instant, Sleep};
+use monoio::time::Instant;
+
+use crate::timer::{Timer, Timers};
 use monoio::BufResult;
 
 use crate::admin::{is_admin_path, AdminCall};
@@ -74,6 +76,8 @@ pub struct Shard {
     pub pd: Option<disagg::PdRouting>,
     /// This shard's counters (written here only).
     pub metrics: Arc<ShardMetrics>,
+    /// Every deadline and wait of this shard's connections.
+    pub timers: Rc<Timers>,
     /// Warnings that every request of a failing worker would repeat, one per second each.
     pub warn_closed: WarnGate,
     pub warn_silent: WarnGate,
@@ -305,7 +309,7 @@ pub async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) {
 }
 
 /// Reads into `inbuf` after its current bytes, until `deadline`.
-async fn fill(rd: &mut ClientRd, b: &mut Buffers, deadline: Instant) -> Fill {
+async fn fill(shard: &Shard, rd: &mut ClientRd, b: &mut Buffers, deadline: Instant) -> Fill {
     if b.start > 0 {
         if b.start == b.inbuf.len() {
             b.inbuf.clear();
@@ -320,7 +324,11 @@ async fn fill(rd: &mut ClientRd, b: &mut Buffers, deadline: Instant) -> Fill {
     }
     let buf = std::mem::take(&mut b.inbuf);
     let len = buf.len();
-    match timeout_at(deadline, rd.read(buf.slice_mut(len..))).await {
+    match shard
+        .timers
+        .timeout_at(deadline, rd.read(buf.slice_mut(len..)))
+        .await
+    {
         Ok((res, slice)) => {
             b.inbuf = slice.into_inner();
             match res {
@@ -349,7 +357,7 @@ async fn read_head(shard: &Shard, rd: &mut ClientRd, b: &mut Buffers) -> Result<
         } else {
             Instant::now() + shard.cfg.keepalive_timeout
         };
-        match fill(rd, b, deadline).await {
+        match fill(shard, rd, b, deadline).await {
             Fill::Data => {}
             Fill::Closed => return Ok(false),
             Fill::TimedOut => {
@@ -397,7 +405,7 @@ async fn read_body(
             }
             while b.inbuf.len() - b.start < head_len + n {
                 let deadline = Instant::now() + shard.cfg.header_read_timeout;
-                match fill(rd, b, deadline).await {
+                match fill(shard, rd, b, deadline).await {
                     Fill::Data => {}
                     _ => return Err(None),
                 }
@@ -428,7 +436,7 @@ async fn read_body(
                     });
                 }
                 let deadline = Instant::now() + shard.cfg.header_read_timeout;
-                match fill(rd, b, deadline).await {
+                match fill(shard, rd, b, deadline).await {
                     Fill::Data => {}
                     _ => return Err(None),
                 }
@@ -783,7 +791,7 @@ async fn admin_call(
         match reply_rx.try_recv() {
             Ok(r) => return (r.status, r.content_type, r.body),
             Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {
-                monoio::time::sleep(ADMIN_POLL).await
+                shard.timers.at(Instant::now() + ADMIN_POLL).await
             }
             Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
                 let e = ApiError::new(503, "the control plane did not answer");
@@ -841,7 +849,7 @@ enum Interrupt {
 struct Watch<'a, W> {
     read: Pin<&'a mut W>,
     state: WatchState,
-    deadline: Pin<&'a mut Sleep>,
+    deadline: Timer<'a>,
     request_deadline: Instant,
     /// Set while the response body streams.
     idle: Option<std::time::Duration>,
@@ -879,7 +887,7 @@ impl<W: Future<Output = BufResult<usize, Vec<u8>>>> Watch<'_, W> {
                     }
                 }
             }
-            while self.deadline.as_mut().poll(cx).is_ready() {
+            while Pin::new(&mut self.deadline).poll(cx).is_ready() {
                 let now = Instant::now();
                 if now >= self.request_deadline {
                     return Poll::Ready(Err(Interrupt::TimedOut));
@@ -888,7 +896,7 @@ impl<W: Future<Output = BufResult<usize, Vec<u8>>>> Watch<'_, W> {
                     Some(idle) if self.progress != self.progress_at_arm => {
                         self.progress_at_arm = self.progress;
                         let next = (now + idle).min(self.request_deadline);
-                        self.deadline.as_mut().reset(next);
+                        self.deadline.reset(next);
                     }
                     Some(_) => return Poll::Ready(Err(Interrupt::Idle)),
                     None => return Poll::Ready(Err(Interrupt::TimedOut)),
@@ -904,7 +912,7 @@ impl<W: Future<Output = BufResult<usize, Vec<u8>>>> Watch<'_, W> {
         self.idle = Some(idle);
         self.progress_at_arm = self.progress;
         let next = (Instant::now() + idle).min(self.request_deadline);
-        self.deadline.as_mut().reset(next);
+        self.deadline.reset(next);
     }
 }
 
@@ -929,7 +937,7 @@ async fn proxy(
     }
     let read = pin!(rd.cancelable_read(watch_buf, canceller.handle()));
     let request_deadline = Instant::now() + shard.cfg.request_timeout;
-    let deadline = pin!(sleep_until(request_deadline));
+    let deadline = shard.timers.at(request_deadline);
     let mut watch = Watch {
         read,
         state: WatchState::Pending,
@@ -941,8 +949,10 @@ async fn proxy(
     };
     let next = match prefill {
         None => exchange(shard, &mut watch, wr, b, body, set, candidates).await,
+        // Boxed: two legs take more state than one, and the task's size is its largest
+        // path's, which every connection would otherwise carry.
         Some((prefill_set, prefill_candidates)) => {
-            disagg::exchange_pd(
+            Box::pin(disagg::exchange_pd(
                 shard,
                 &mut watch,
                 wr,
@@ -950,7 +960,7 @@ async fn proxy(
                 body,
                 (&prefill_set, prefill_candidates),
                 (set, candidates),
-            )
+            ))
             .await
         }
     };
@@ -1232,7 +1242,7 @@ async fn exchange<W: Future<Output = BufResult<usize, Vec<u8>>>>(
         let mut outcome = Outcome::new(shard, worker, probe, b.rec.leg);
         if backoff {
             let wait = retry.backoff(attempts - 1, fastrand::f64());
-            if let Err(i) = watch.guard(monoio::time::sleep(wait)).await {
+            if let Err(i) = watch.guard(shard.timers.at(Instant::now() + wait)).await {
                 return interrupted(wr, b, i, close).await;
             }
         }

@@ -243,8 +243,11 @@ fn run_shard(
         if let Some(pd) = &pd {
             metrics.add_selector(pd.selector.borrow().stats.clone());
         }
+        let timers = Rc::new(crate::timer::Timers::default());
+        monoio::spawn(timers.clone().drive());
         let shard = Rc::new(Shard {
             id,
+            timers,
             selector: RefCell::new(selector),
             metrics,
             warn_closed: Default::default(),

@@ -221,7 +221,10 @@ async fn prefill_leg<'s, W: Future<Output = BufResult<usize, Vec<u8>>>>(
         let mut outcome = Outcome::new(shard, worker, probe, Leg::Prefill);
         if backoff {
             let wait = retry.backoff(attempts - 1, fastrand::f64());
-            if let Err(i) = watch.guard(monoio::time::sleep(wait)).await {
+            if let Err(i) = watch
+                .guard(shard.timers.at(monoio::time::Instant::now() + wait))
+                .await
+            {
                 return Err(interrupted(wr, b, i, close).await);
             }
         }
