@@ -19,5 +19,6 @@ pub mod tokenizer;
 pub use detokenize::DecodeStream;
 pub use error::FrontendError;
 pub use prompt::Prompt;
+pub use sequence::{SequenceText, StopParams};
 
 pub use tokenizer::Tokenizer;
