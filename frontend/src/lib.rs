@@ -16,6 +16,7 @@ pub mod sequence;
 pub mod stop;
 pub mod tokenizer;
 
+pub use chat::{ChatTemplate, ContentFormat};
 pub use detokenize::DecodeStream;
 pub use error::FrontendError;
 pub use prompt::Prompt;
