@@ -47,14 +47,22 @@ impl Tokenizer {
             _ => None,
         };
 
+        // A special token is named in tokenizer_config.json; failing that, generation_config.json
+        // may give the bos / eos by id.
         let named = |key: &str| {
             let text = special_token_text(config.get(key)?)?;
             let id = inner.token_to_id(&text)?;
             Some(SpecialToken { text, id })
         };
+        let by_generation_config = |key: &str| {
+            let v = generation_config.as_ref()?.get(key)?;
+            let id = v.as_u64().or_else(|| v.as_array()?.first()?.as_u64())? as u32;
+            let text = inner.id_to_token(id)?;
+            Some(SpecialToken { text, id })
+        };
         let (bos, eos, unk, pad) = (
-            named("bos_token"),
-            named("eos_token"),
+            named("bos_token").or_else(|| by_generation_config("bos_token_id")),
+            named("eos_token").or_else(|| by_generation_config("eos_token_id")),
             named("unk_token"),
             named("pad_token"),
         );
@@ -236,6 +244,29 @@ mod tests {
         let without = t.encode("hello", false).unwrap();
         assert_eq!(with[0], 1);
         assert_eq!(&with[1..], &without[..]);
+    }
+
+    #[test]
+    fn bos_and_eos_fall_back_to_generation_config_ids() {
+        let src = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/tiny-llama");
+        let dir = std::env::temp_dir().join(format!("frontend-gen-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(format!("{src}/tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+        std::fs::write(
+            dir.join("tokenizer_config.json"),
+            r#"{"unk_token": "<unk>"}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("generation_config.json"),
+            r#"{"bos_token_id": 1, "eos_token_id": [2, 5]}"#,
+        )
+        .unwrap();
+        let t = Tokenizer::from_dir(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(t.bos().unwrap().text, "<s>");
+        assert_eq!(t.eos().unwrap().id, 2);
+        assert_eq!(t.eos_token_ids(), &[2, 5]);
     }
 
     #[test]
