@@ -11,7 +11,8 @@
 //!
 //! Message content follows vLLM's two formats. A template that loops over a message's content
 //! gets the OpenAI form, a list of parts (a string content becomes one `{type: text}` part);
-//! any other template gets a string, the text parts joined with newlines.
+//! any other template gets a string, the text parts joined with newlines. The rest of what
+//! vLLM does to messages before rendering lives in [`crate::conversation`].
 //!
 //! The rendered text already holds the BOS the template writes, so it is tokenized without
 //! special tokens.
@@ -19,6 +20,7 @@
 use minijinja::value::{Kwargs, ValueKind};
 use minijinja::{Environment, Error, ErrorKind, Value};
 
+use crate::conversation::conversation;
 use crate::{FrontendError, Tokenizer};
 
 /// How message content reaches the template (vLLM's `ChatTemplateContentFormat`).
@@ -31,6 +33,8 @@ pub enum ContentFormat {
 pub struct ChatTemplate {
     env: Environment<'static>,
     content_format: ContentFormat,
+    /// vLLM's test: the template source names the role `"developer"` or `'developer'`.
+    template_knows_developer: bool,
     special_tokens: Vec<(&'static str, String)>,
 }
 
@@ -51,6 +55,8 @@ impl ChatTemplate {
     /// A template given as source (`--chat-template`), for the tokenizer's special tokens.
     pub fn new(source: String, tokenizer: &Tokenizer) -> Result<Self, FrontendError> {
         let content_format = detect_content_format(&source);
+        let template_knows_developer =
+            source.contains("\"developer\"") || source.contains("'developer'");
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
@@ -71,6 +77,7 @@ impl ChatTemplate {
         Ok(Self {
             env,
             content_format,
+            template_knows_developer,
             special_tokens,
         })
     }
@@ -91,10 +98,11 @@ impl ChatTemplate {
     ) -> Result<String, FrontendError> {
         let messages: Vec<Value> = serde_json::from_str(messages_json)
             .map_err(|e| FrontendError::InvalidMessage(e.to_string()))?;
-        let messages = messages
-            .iter()
-            .map(|m| conversation_message(m, self.content_format))
-            .collect::<Result<Vec<_>, _>>()?;
+        let messages = conversation(
+            &messages,
+            self.content_format,
+            self.template_knows_developer,
+        )?;
 
         let mut context: Vec<(String, Value)> = Vec::new();
         if let Some(kwargs) = kwargs_json {
@@ -124,83 +132,6 @@ impl ChatTemplate {
             .render(Value::from_iter(context))
             .map_err(|e| FrontendError::ChatTemplate(render_error(&e)))
     }
-}
-
-/// vLLM's `_parse_chat_message_content`: every key of the message kept in order, content
-/// reshaped for the template's format.
-fn conversation_message(message: &Value, format: ContentFormat) -> Result<Value, FrontendError> {
-    if message.kind() != ValueKind::Map {
-        return Err(FrontendError::InvalidMessage(
-            "a message must be an object".into(),
-        ));
-    }
-    let role = message.get_attr("role").unwrap_or_default();
-    if role.as_str().is_none() {
-        return Err(FrontendError::InvalidMessage(
-            "a message needs a string role".into(),
-        ));
-    }
-    let mut fields: Vec<(Value, Value)> = Vec::new();
-    let mut has_content = false;
-    for key in message.try_iter().into_iter().flatten() {
-        let value = message.get_item(&key).unwrap_or_default();
-        if key.as_str() == Some("content") {
-            has_content = true;
-            fields.push((key, content(&value, format)?));
-        } else {
-            fields.push((key, value));
-        }
-    }
-    if !has_content {
-        fields.push((Value::from("content"), content(&Value::from(()), format)?));
-    }
-    Ok(Value::from_iter(fields))
-}
-
-fn content(value: &Value, format: ContentFormat) -> Result<Value, FrontendError> {
-    let texts: Vec<String> = match value.kind() {
-        ValueKind::None | ValueKind::Undefined => Vec::new(),
-        ValueKind::String => vec![value.to_string()],
-        ValueKind::Seq => value
-            .try_iter()
-            .into_iter()
-            .flatten()
-            .map(|part| {
-                let text = part
-                    .get_attr("text")
-                    .ok()
-                    .filter(|t| t.kind() == ValueKind::String);
-                match (
-                    part.get_attr("type").ok().as_ref().and_then(Value::as_str),
-                    text,
-                ) {
-                    (Some("text"), Some(text)) => Ok(text.to_string()),
-                    (Some(kind), _) if kind != "text" => Err(FrontendError::InvalidMessage(
-                        format!("content part of type {kind:?} is not supported"),
-                    )),
-                    _ => Err(FrontendError::InvalidMessage(
-                        "a text content part needs a string `text`".into(),
-                    )),
-                }
-            })
-            .collect::<Result<_, _>>()?,
-        _ => {
-            return Err(FrontendError::InvalidMessage(
-                "content must be a string or a list of parts".into(),
-            ))
-        }
-    };
-    Ok(match format {
-        ContentFormat::String => Value::from(texts.join("\n")),
-        ContentFormat::OpenAi => Value::from(
-            texts
-                .into_iter()
-                .map(|text| {
-                    Value::from_iter([("type", Value::from("text")), ("text", Value::from(text))])
-                })
-                .collect::<Vec<_>>(),
-        ),
-    })
 }
 
 /// vLLM parses the template and looks for a loop over a message's content; this looks for the

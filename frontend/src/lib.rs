@@ -4,11 +4,13 @@
 //! - [`tokenizer`]: the model's tokenizer and its special tokens, loaded from a directory.
 //! - [`prompt`]: the four shapes of a completions `prompt` and how each becomes token ids.
 //! - [`chat`]: rendering a chat template into the prompt text of a chat completion.
+//! - `conversation`: the messages a chat template sees, shaped from OpenAI's as vLLM shapes them.
 //! - [`detokenize`]: turning a stream of generated ids into text, one token at a time.
 //! - [`stop`]: stop strings, found across token boundaries and trimmed as vLLM trims them.
 //! - [`sequence`]: one generated sequence's text: decode, stop check, streamed deltas.
 
 pub mod chat;
+mod conversation;
 pub mod detokenize;
 mod error;
 pub mod prompt;
