@@ -12,6 +12,7 @@ vLLM shapes it), and detokenized streams (vLLM's own FastIncrementalDetokenizer,
 HTTP server uses, fed chunk by chunk as the output processor feeds it).
 """
 
+import copy
 import json
 import os
 import random
@@ -21,6 +22,15 @@ from tokenizers import Tokenizer, decoders, normalizers, processors
 from tokenizers.models import BPE
 from transformers import AutoTokenizer
 
+import vllm
+
+from vllm.renderers.chat_utils import _parse_chat_message_content, _postprocess_messages
+from vllm.renderers.hf import (
+    _consolidate_system_messages,
+    _convert_developer_to_system,
+    _detect_content_format,
+    _detect_developer_role_support,
+)
 from vllm.v1.engine.detokenizer import FastIncrementalDetokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -170,15 +180,33 @@ def run_stream(tok, prompt_ids, output_ids, stop, include, min_tokens, skip, spa
     }
 
 
-def vllm_content(messages):
-    """vLLM's 'string' content format: text parts joined with newlines."""
-    out = []
+class _TextOnlyParser:
+    model_config = SimpleNamespace(enable_prompt_embeds=False)
+
+    def mm_placeholder_storage(self):
+        return {}
+
+
+class _TextOnlyTracker:
+    def create_parser(self, **_):
+        return _TextOnlyParser()
+
+
+def vllm_conversation(messages, template):
+    """The conversation vLLM hands to apply_chat_template for `messages` (text only)."""
+    content_format = _detect_content_format(template, default="string")
+    messages = copy.deepcopy(messages)  # vLLM parses tool call arguments in place
+    conversation = []
     for m in messages:
-        m = dict(m)
-        if isinstance(m.get("content"), list):
-            m["content"] = "\n".join(p["text"] for p in m["content"])
-        out.append(m)
-    return out
+        conversation.extend(_parse_chat_message_content(m, _TextOnlyTracker(), content_format, False))
+    _postprocess_messages(conversation)
+    if any(m["role"] == "developer" for m in conversation) and not _detect_developer_role_support(template):
+        conversation = _consolidate_system_messages(_convert_developer_to_system(conversation))
+    return content_format, conversation
+
+
+def vllm_content(messages, template):
+    return vllm_conversation(messages, template)[1]
 
 
 def corpus_for(name, tok, chats):
@@ -189,7 +217,9 @@ def corpus_for(name, tok, chats):
             cases["encode"].append({"text": text, "add_special_tokens": add, "ids": ids})
     for messages in chats:
         for gen in (True, False):
-            prompt = tok.apply_chat_template(vllm_content(messages), tokenize=False, add_generation_prompt=gen)
+            prompt = tok.apply_chat_template(
+                vllm_content(messages, tok.chat_template), tokenize=False, add_generation_prompt=gen
+            )
             ids = tok(prompt, add_special_tokens=False)["input_ids"]
             cases["chat"].append({"messages": messages, "add_generation_prompt": gen, "prompt": prompt, "ids": ids})
     for (case, prompt, output, extra, stop, include, min_tokens, skip, spaces, chunk, stop_terminated) in STREAMS:
@@ -243,11 +273,163 @@ def corpus_for(name, tok, chats):
     return cases
 
 
+QWEN_LIKE = """{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\\n\\n# Tools\\n\\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\\n</tools><|im_end|>\\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\\n<tool_call>\\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\\n<tool_response>\\n' }}
+        {{- message.content }}
+        {{- '\\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
+
+# Loops over content parts (vLLM's "openai" content format), namespace(), filters, slicing.
+PARTS_LIKE = """{{- bos_token }}
+{%- set ns = namespace(system='') %}
+{%- for message in messages %}
+    {%- if message['role'] == 'system' %}
+        {%- set ns.system = message['content'] | map(attribute='text') | join(' ') %}
+    {%- endif %}
+{%- endfor %}
+{%- if ns.system %}{{ '[SYS]' + ns.system | trim + '[/SYS]\\n' }}{% endif %}
+{%- for message in messages if message['role'] != 'system' %}
+    {{- message['role'] | upper }}:
+    {%- for part in message['content'] %}
+        {%- if part['type'] == 'text' %} {{ part['text'].strip() }}{% endif %}
+    {%- endfor %}
+    {%- if message.tool_calls is defined %} calls={{ message.tool_calls | length }}{% endif %}
+    {{- '\\n' if not loop.last else '' }}
+{%- endfor %}
+{%- if add_generation_prompt %}{{ '\\nASSISTANT:' }}{% endif %}
+{{- eos_token if messages[-1]['role'] == 'assistant' else '' }}
+"""
+
+TEMPLATE_CHATS = [
+    [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "What's the weather in Paris? ☔"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "°C", "days": 2}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "12°C, rain"}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "tomorrow: 14°C"},
+        {"role": "assistant", "content": "Rainy, 12°C.", "reasoning": "looked it up"},
+        {"role": "user", "content": [{"type": "text", "text": "Thanks!"}, {"type": "text", "text": "日本は？"}]},
+    ],
+    [
+        {"role": "developer", "content": "Answer in French."},
+        {"role": "user", "content": "Hello", "name": "bob"},
+        {"role": "system", "content": "Be polite."},
+        {"role": "assistant", "content": "Bonjour", "tool_calls": []},
+        {"role": "user", "content": "  and goodbye?  "},
+    ],
+]
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather for a city <b>now</b> & later",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["°C", "°F"]}},
+                "required": ["city"],
+            },
+        },
+    }
+]
+
+
+def template_cases(tok):
+    chat_templates = os.path.join(os.path.dirname(vllm.__file__), "transformers_utils", "chat_templates")
+    sources = {
+        "vllm chatml": open(os.path.join(chat_templates, "template_chatml.jinja")).read(),
+        "vllm basic": open(os.path.join(chat_templates, "template_basic.jinja")).read(),
+        "qwen-like tools": QWEN_LIKE,
+        "content parts": PARTS_LIKE,
+    }
+    cases = []
+    for name, source in sources.items():
+        for i, messages in enumerate(TEMPLATE_CHATS):
+            for tools in (None, TOOLS) if name == "qwen-like tools" else (None,):
+                content_format, conversation = vllm_conversation(messages, source)
+                prompt = tok.apply_chat_template(
+                    conversation, tools=tools, chat_template=source, tokenize=False, add_generation_prompt=True
+                )
+                cases.append(
+                    {
+                        "name": f"{name} / chat {i} / tools {tools is not None}",
+                        "template": source,
+                        "content_format": content_format,
+                        "messages": messages,
+                        "tools": tools,
+                        "prompt": prompt,
+                    }
+                )
+    return cases
+
+
 def main():
     build_byte_fallback(os.path.join(HERE, "byte-fallback"))
     corpus = {}
     tiny = AutoTokenizer.from_pretrained(os.path.join(HERE, "tiny-llama"))
     corpus["tiny-llama"] = corpus_for("tiny-llama", tiny, CHATS + [SYSTEM_CHAT])
+    corpus["tiny-llama"]["templates"] = template_cases(tiny)
     bf = AutoTokenizer.from_pretrained(os.path.join(HERE, "byte-fallback"))
     corpus["byte-fallback"] = corpus_for("byte-fallback", bf, CHATS)
     # The Llama-2 template refuses a conversation that does not alternate.

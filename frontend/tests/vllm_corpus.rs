@@ -3,7 +3,7 @@
 //! tokenizer and chat template), for the tiny test model's byte-level tokenizer and a
 //! Llama-2-style byte-fallback one. Each failing case is reported by name, all at once.
 
-use frontend::{ChatTemplate, SequenceText, StopParams, Tokenizer};
+use frontend::{ChatTemplate, ContentFormat, SequenceText, StopParams, Tokenizer};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
@@ -14,6 +14,21 @@ struct Corpus {
     streams: Vec<StreamCase>,
     #[serde(default)]
     chat_errors: Vec<ChatError>,
+    #[serde(default)]
+    templates: Vec<TemplateCase>,
+}
+
+/// A template given as source, over messages with tools, tool calls, developer and system
+/// messages: vLLM's own message shaping, rendered by transformers.
+#[derive(Deserialize)]
+struct TemplateCase {
+    name: String,
+    template: String,
+    content_format: String,
+    /// minijinja's values keep JSON key order (serde_json's do not here), which `tojson` shows.
+    messages: minijinja::Value,
+    tools: Option<minijinja::Value>,
+    prompt: String,
 }
 
 #[derive(Deserialize)]
@@ -135,6 +150,30 @@ fn matches_vllm_on_every_case() {
                 other => failures.push(format!(
                     "{name}: chat {} should fail with {:?}, got {other:?}",
                     case.messages, case.message
+                )),
+            }
+        }
+
+        for case in &corpus.templates {
+            checked += 1;
+            let chat = ChatTemplate::new(case.template.clone(), &t).unwrap();
+            let format = match chat.content_format() {
+                ContentFormat::String => "string",
+                ContentFormat::OpenAi => "openai",
+            };
+            if format != case.content_format {
+                failures.push(format!(
+                    "{name}: template {:?}: content format {format}, vLLM {}",
+                    case.name, case.content_format
+                ));
+            }
+            let json = |v: &minijinja::Value| serde_json::to_string(v).unwrap();
+            let tools = case.tools.as_ref().map(json);
+            match chat.render(&json(&case.messages), true, tools.as_deref(), None) {
+                Ok(prompt) if prompt == case.prompt => {}
+                other => failures.push(format!(
+                    "{name}: template {:?}:\n  got  {other:?}\n  vLLM {:?}",
+                    case.name, case.prompt
                 )),
             }
         }
