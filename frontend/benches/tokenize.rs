@@ -90,6 +90,19 @@ fn detokenize(c: &mut Criterion) {
         });
     }
     group.finish();
+
+    // vLLM primes the stream with the whole prompt, so the first token decodes all of it.
+    let long_prompt = t.encode(&prompt(16 * 1024), true).unwrap();
+    c.bench_function("detokenize first token after 16KB prompt", |b| {
+        b.iter_batched(
+            || SequenceText::new(&t, &long_prompt, &StopParams::default()),
+            |mut seq| {
+                seq.update(&t, &output_ids[..1], false);
+                seq
+            },
+            BatchSize::SmallInput,
+        )
+    });
 }
 
 criterion_group!(benches, tokenize, chat_template, detokenize);

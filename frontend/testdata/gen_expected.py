@@ -146,6 +146,8 @@ STREAMS = [
     ("special tokens skipped", "Q:", " a", "SPECIALS", None, False, 0, True, False, 1, False),
     ("long", "Q:", LONG, [], None, False, 0, True, True, 7, False),
     ("long with stop", "Q:", LONG, [], ["café; 日本"], False, 0, True, True, 2, False),
+    ("long prompt", LONG, " Ünïcödé 😀 and 日本語", [], None, False, 0, True, True, 1, False),
+    ("long prompt ending in specials", LONG + "SPECIALS", " word 😀", [], None, False, 0, True, True, 1, False),
 ]
 
 
@@ -223,7 +225,10 @@ def corpus_for(name, tok, chats):
             ids = tok(prompt, add_special_tokens=False)["input_ids"]
             cases["chat"].append({"messages": messages, "add_generation_prompt": gen, "prompt": prompt, "ids": ids})
     for (case, prompt, output, extra, stop, include, min_tokens, skip, spaces, chunk, stop_terminated) in STREAMS:
-        prompt_ids = tok(prompt, add_special_tokens=True)["input_ids"]
+        if prompt.endswith("SPECIALS"):
+            prompt_ids = tok(prompt[: -len("SPECIALS")], add_special_tokens=True)["input_ids"] + special_ids(tok) * 5
+        else:
+            prompt_ids = tok(prompt, add_special_tokens=True)["input_ids"]
         output_ids = tok(output, add_special_tokens=False)["input_ids"]
         if extra == "SPECIALS":
             s = special_ids(tok)
@@ -249,8 +254,8 @@ def corpus_for(name, tok, chats):
     # Random ids: invalid UTF-8 mid-stream, split sequences, specials, all at once.
     rng = random.Random(f"frontend-{name}")
     vocab = len(tok)
-    for i in range(12):
-        prompt_ids = [rng.randrange(vocab) for _ in range(rng.randrange(1, 12))]
+    for i in range(24):
+        prompt_ids = [rng.randrange(vocab) for _ in range(rng.randrange(1, 40))]
         output_ids = [rng.randrange(vocab) for _ in range(rng.randrange(1, 60))]
         skip = i % 2 == 0
         stop = ["e", "th", "\ufffd"] if i % 3 == 0 else None
