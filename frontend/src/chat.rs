@@ -12,7 +12,7 @@
 //! Message content follows vLLM's two formats. A template that loops over a message's content
 //! gets the OpenAI form, a list of parts (a string content becomes one `{type: text}` part);
 //! any other template gets a string, the text parts joined with newlines. The rest of what
-//! vLLM does to messages before rendering lives in [`crate::conversation`].
+//! vLLM does to messages before rendering lives in `conversation.rs`.
 //!
 //! The rendered text already holds the BOS the template writes, so it is tokenized without
 //! special tokens.

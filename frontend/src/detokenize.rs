@@ -12,6 +12,10 @@
 //! - decoders that strip or add a space by position (SentencePiece's leading `▁`) see the
 //!   token in context, so the space a token carries is kept mid-text.
 //!
+//! vLLM primes with every prompt id; this primes with the prompt's last 16 when that provably
+//! gives the same text (see `prompt_context`), so a long prompt does not cost a decode of
+//! all of it on the first token.
+//!
 //! One quirk is kept because vLLM has it: a prompt given as ids that ends inside a UTF-8
 //! sequence decodes to U+FFFD, so no prefix is taken from it, and the first emitted text then
 //! includes the whole prompt's text.
@@ -48,10 +52,28 @@ impl DecodeStream {
                 || spaces_between_special_tokens
                 || !tokenizer.has_added_tokens(),
             last_was_added_token: false,
-            ids: prompt_ids.to_vec(),
+            ids: prompt_context(tokenizer, prompt_ids, skip_special_tokens, PROMPT_CONTEXT)
+                .to_vec(),
             prefix: String::new(),
             prefix_index: 0,
         }
+    }
+
+    /// Primed with the prompt's last `context` ids (as chosen by [`prompt_context`]), or with
+    /// every id as vLLM primes it when `context` is `None`.
+    #[cfg(test)]
+    fn with_context(
+        tokenizer: &Tokenizer,
+        prompt_ids: &[u32],
+        skip_special_tokens: bool,
+        context: Option<usize>,
+    ) -> Self {
+        let mut stream = Self::new(tokenizer, &[], skip_special_tokens, true);
+        stream.ids = match context {
+            Some(n) => prompt_context(tokenizer, prompt_ids, skip_special_tokens, n).to_vec(),
+            None => prompt_ids.to_vec(),
+        };
+        stream
     }
 
     /// The text `id` adds, possibly empty (the token ends mid-character, or is a skipped
@@ -112,6 +134,70 @@ impl DecodeStream {
     }
 }
 
+/// Prompt ids kept as context for the first generated token.
+const PROMPT_CONTEXT: usize = 16;
+
+/// vLLM primes the stream with the whole prompt, and so decodes all of it on the first token
+/// (1.4 ms for a 16 KB prompt here). Decoders are local away from the start of the text (bytes
+/// to characters, `▁` to space; the one strip is at the very start, and applies to the prefix
+/// and the window alike), so the prompt's last ids give the first token the same text, as long
+/// as the cut is clean:
+/// - not inside a run of byte-fallback tokens (`<0xE6>`), which decodes as a unit: one invalid
+///   byte turns the whole run into U+FFFD (and skipped special tokens do not end a run);
+/// - the tail's text is not empty (a stripped leading space would land on the new token) and
+///   has no U+FFFD (stray bytes may combine across the cut, and a prompt ending inside a
+///   character makes vLLM emit the prompt's own text).
+///
+/// Otherwise the whole prompt, as vLLM. `the_prompt_tail_decodes_like_the_whole_prompt` holds
+/// this to the whole-prompt stream with a tail of one id.
+fn prompt_context<'p>(
+    tokenizer: &Tokenizer,
+    prompt_ids: &'p [u32],
+    skip_special_tokens: bool,
+    context: usize,
+) -> &'p [u32] {
+    if prompt_ids.len() <= context {
+        return prompt_ids;
+    }
+    // Walk the cut back over tokens it may not fall before, and over tails whose text starts
+    // inside a character (byte-level tokens split characters too).
+    let first_cut = prompt_ids.len() - context;
+    let last_cut = first_cut.saturating_sub(PROMPT_CONTEXT_SEARCH);
+    for cut in (last_cut..=first_cut).rev() {
+        if !cuts_cleanly(tokenizer, prompt_ids[cut]) {
+            continue;
+        }
+        let tail = &prompt_ids[cut..];
+        match tokenizer.inner().decode(tail, skip_special_tokens) {
+            Ok(text) if !text.is_empty() && !text.contains(char::REPLACEMENT_CHARACTER) => {
+                return tail
+            }
+            _ => {}
+        }
+    }
+    prompt_ids
+}
+
+/// How much further back than the tail's length to look for a clean cut.
+const PROMPT_CONTEXT_SEARCH: usize = 64;
+
+/// Whether the tail may start at `id`: an ordinary vocabulary token, neither a byte-fallback
+/// one (`<0xNN>`) nor an added one (a skipped special token would let the runs on either side
+/// of it join).
+fn cuts_cleanly(tokenizer: &Tokenizer, id: u32) -> bool {
+    if tokenizer.added_token(id).is_some() {
+        return false;
+    }
+    tokenizer.inner().id_to_token(id).is_some_and(|token| {
+        let b = token.as_bytes();
+        let byte_token = b.len() == 6
+            && b.starts_with(b"<0x")
+            && b[5] == b'>'
+            && b[3..5].iter().all(u8::is_ascii_hexdigit);
+        !byte_token
+    })
+}
+
 enum StepError {
     InvalidPrefix,
     Decode,
@@ -164,6 +250,47 @@ mod tests {
         let mut keep = DecodeStream::new(&t, &[1], false, false);
         let kept: String = output.iter().map(|&id| keep.step(&t, id)).collect();
         assert_eq!(kept, "<|im_start|><|im_end|></s>");
+    }
+
+    /// The prompt's last ids give every generated token the text the whole prompt gives it:
+    /// random ids (bytes split anywhere, specials, runs of byte tokens) and text cut at random
+    /// places, on a byte-level and a byte-fallback tokenizer, with the tail used in production
+    /// and with the shortest one, which puts every cut right before the new tokens.
+    #[test]
+    fn the_prompt_tail_decodes_like_the_whole_prompt() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let text = "The quick brown fox, façade naïve café. 日本語のテキスト 😀🎉 مرحبا ".repeat(8);
+        for name in ["tiny-llama", "byte-fallback"] {
+            let dir = format!("{}/testdata/{name}", env!("CARGO_MANIFEST_DIR"));
+            let t = Tokenizer::from_dir(dir).unwrap();
+            let vocab = t.vocab_size();
+            let text_ids = t.encode(&text, true).unwrap();
+            for round in 0..1200 {
+                let prompt: Vec<u32> = if round % 2 == 0 {
+                    (0..2 + next(60)).map(|_| next(vocab) as u32).collect()
+                } else {
+                    text_ids[..2 + next(text_ids.len() - 2)].to_vec()
+                };
+                let output: Vec<u32> = (0..1 + next(30)).map(|_| next(vocab) as u32).collect();
+                let skip = round % 3 != 0;
+                let context = if round % 4 < 2 { 1 } else { PROMPT_CONTEXT };
+                let mut whole = DecodeStream::with_context(&t, &prompt, skip, None);
+                let mut tail = DecodeStream::with_context(&t, &prompt, skip, Some(context));
+                for &id in &output {
+                    assert_eq!(
+                        tail.step(&t, id),
+                        whole.step(&t, id),
+                        "{name}: prompt {prompt:?} output {output:?} skip {skip} context {context}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
