@@ -21,7 +21,6 @@ pub mod tokenizer;
 pub use chat::{ChatTemplate, ContentFormat};
 pub use detokenize::DecodeStream;
 pub use error::FrontendError;
-pub use prompt::Prompt;
+pub use prompt::{Prompt, TokenizedPrompt};
 pub use sequence::{SequenceText, StopParams};
-
 pub use tokenizer::Tokenizer;

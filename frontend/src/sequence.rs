@@ -161,10 +161,7 @@ impl SequenceText {
         if finished || self.held_back_chars == 0 {
             return self.text.len();
         }
-        let chars_before = self.text.chars().rev().take(self.held_back_chars).count();
-        if chars_before < self.held_back_chars {
-            return 0;
-        }
+        // Shorter than the held-back tail: nothing is safe yet.
         back_chars(&self.text, self.text.len(), self.held_back_chars)
     }
 }
