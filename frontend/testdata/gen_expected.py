@@ -443,9 +443,16 @@ def main():
         raise SystemExit("expected the byte-fallback template to raise")
     except Exception as e:  # jinja2 TemplateError
         corpus["byte-fallback"]["chat_errors"] = [{"messages": SYSTEM_CHAT, "message": str(e)}]
+    # One case a line: small, and a regenerated corpus diffs case by case.
     with open(os.path.join(HERE, "expected.json"), "w") as f:
-        json.dump(corpus, f, ensure_ascii=False, indent=1)
-        f.write("\n")
+        tokenizers = []
+        for name, sections in corpus.items():
+            lines = []
+            for section, cases in sections.items():
+                body = ",\n".join("   " + json.dumps(c, ensure_ascii=False) for c in cases)
+                lines.append(f"  {json.dumps(section)}: [\n{body}\n  ]")
+            tokenizers.append(f" {json.dumps(name)}: {{\n" + ",\n".join(lines) + "\n }")
+        f.write("{\n" + ",\n".join(tokenizers) + "\n}\n")
 
 
 if __name__ == "__main__":
