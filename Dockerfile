@@ -26,6 +26,7 @@ COPY Cargo.toml Cargo.lock ./
 COPY .cargo .cargo
 COPY src src
 COPY shards shards
+COPY frontend frontend
 COPY tools tools
 COPY benches benches
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
