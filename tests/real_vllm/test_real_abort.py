@@ -1,6 +1,6 @@
 """A client that leaves makes vLLM stop generating: the router shuts its connection to vLLM
 at once, vLLM notices the disconnect and aborts the request. Two witnesses: the kernel (the
-router's connection to vLLM is gone within a second of the client leaving) and vLLM (its
+router's connection to vLLM is gone within 2 s of the client leaving) and vLLM (its
 `vllm:num_requests_running` returns to 0 and its log says `Request <id> aborted.`; the
 servers run with `--enable-log-requests`).
 
