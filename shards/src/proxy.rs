@@ -22,8 +22,6 @@ use monoio::io::{
 };
 use monoio::net::TcpStream;
 use monoio::time::Instant;
-
-use crate::timer::{Timer, Timers};
 use monoio::BufResult;
 
 use crate::admin::{is_admin_path, AdminCall};
@@ -38,6 +36,7 @@ use crate::retry::is_retryable_status;
 use crate::route::key::{body_session_key, routing_text, SESSION_HEADERS};
 use crate::route::{Candidates, RouteInput, Selector, Worker, WorkerSet};
 use crate::sync::{Directory, LoadBoard};
+use crate::timer::{Timer, Timers};
 use crate::upstream::request::{write_upstream_head, UpstreamHeadOpts};
 use crate::upstream::response::{write_client_head, ClientHead};
 use crate::upstream::{Pool, ResponseFraming, ResponseHead};

@@ -99,8 +99,12 @@ impl Timers {
     /// Spawned once per shard; never returns.
     pub async fn drive(self: Rc<Self>) {
         loop {
-            let next = self.inner.borrow_mut().fire_due(Instant::now());
-            self.inner.borrow_mut().armed = next;
+            let next = {
+                let mut t = self.inner.borrow_mut();
+                let next = t.fire_due(Instant::now());
+                t.armed = next;
+                next
+            };
             let mut sleep = next.map(|at| Box::pin(monoio::time::sleep_until(at)));
             poll_fn(|cx| {
                 if let Some(s) = sleep.as_mut() {
@@ -232,6 +236,13 @@ mod tests {
             .block_on(f)
     }
 
+    /// A shard's timers with their driver running (inside `run`).
+    fn driven() -> Rc<Timers> {
+        let timers = Rc::new(Timers::default());
+        monoio::spawn(timers.clone().drive());
+        timers
+    }
+
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
     }
@@ -239,8 +250,7 @@ mod tests {
     #[test]
     fn a_timer_fires_at_its_deadline_not_before() {
         run(async {
-            let timers = Rc::new(Timers::default());
-            monoio::spawn(timers.clone().drive());
+            let timers = driven();
             let start = Instant::now();
             timers.at(start + ms(30)).await;
             let took = start.elapsed();
@@ -252,8 +262,7 @@ mod tests {
     #[test]
     fn timers_fire_in_deadline_order_whatever_the_order_they_were_set() {
         run(async {
-            let timers = Rc::new(Timers::default());
-            monoio::spawn(timers.clone().drive());
+            let timers = driven();
             let order = Rc::new(RefCell::new(Vec::new()));
             let start = Instant::now();
             let mut tasks = Vec::new();
@@ -274,8 +283,7 @@ mod tests {
     #[test]
     fn a_timer_moved_earlier_fires_early_and_one_moved_later_does_not_fire_at_the_old_time() {
         run(async {
-            let timers = Rc::new(Timers::default());
-            monoio::spawn(timers.clone().drive());
+            let timers = driven();
             let start = Instant::now();
             // The driver sleeps until the first timer (10 s); moving it to 20 ms must wake it.
             let mut t = timers.at(start + Duration::from_secs(10));
@@ -301,8 +309,7 @@ mod tests {
     #[test]
     fn timeout_at_returns_the_value_when_the_work_wins_and_err_when_the_deadline_does() {
         run(async {
-            let timers = Rc::new(Timers::default());
-            monoio::spawn(timers.clone().drive());
+            let timers = driven();
             let now = Instant::now();
             assert_eq!(timers.timeout_at(now + ms(50), async { 7 }).await, Ok(7));
             let slow = monoio::time::sleep(Duration::from_secs(5));
@@ -314,8 +321,7 @@ mod tests {
     #[test]
     fn dropped_and_reset_timers_do_not_pile_up_in_the_heap() {
         run(async {
-            let timers = Rc::new(Timers::default());
-            monoio::spawn(timers.clone().drive());
+            let timers = driven();
             let far = Instant::now() + Duration::from_secs(3600);
             let mut kept = timers.at(far);
             for i in 0..100_000u64 {
