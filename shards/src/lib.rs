@@ -11,6 +11,7 @@
 //! - [`nesting`]: how deep JSON nests, checked before any parser recurses into it.
 //! - [`route`]: the worker set and the policies that pick a worker.
 //! - [`upstream`]: the client side: keep-alive pools, the upstream request, the response relay.
+//! - [`grpc`]: the client side for gRPC workers: HTTP/2 connections, calls, messages.
 //! - [`proxy`]: one client connection's life, as named phases.
 //! - [`pd`]: prefill/decode disaggregation: the two legs' request bodies (the exchange
 //!   itself is the proxy's, in `proxy/disagg.rs`).
@@ -25,6 +26,7 @@ pub mod admission;
 pub mod body;
 pub mod breaker;
 pub mod config;
+pub mod grpc;
 pub mod http;
 pub mod metrics;
 pub mod nesting;
