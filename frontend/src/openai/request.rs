@@ -553,3 +553,108 @@ fn constraint(b: &Body) -> Result<Option<Constraint>, OpenAiError> {
     }
     Ok(found.pop())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> ModelContext {
+        ModelContext::from_model_dir(
+            concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/tiny-llama"),
+            "tiny",
+            100,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn fields_map_to_the_engines_sampling_params() {
+        let ctx = ctx();
+        let g = Generation::parse(
+            Endpoint::Completions,
+            br#"{"model":"tiny","prompt":["a b","c"],"stop":"x","seed":3,"top_k":5,"logprobs":2,
+                "logit_bias":{"7":200},"structured_outputs":{"regex":"[ab]+"},"min_tokens":1}"#,
+            &ctx,
+        )
+        .unwrap();
+        let reqs = g.requests("r");
+        assert_eq!(reqs.len(), 2);
+        assert_eq!(reqs[1].request_id, "cmpl-r-1");
+        let s = reqs[0].sampling_params.as_ref().unwrap();
+        assert_eq!(s.stop, ["x"]);
+        assert_eq!(
+            (s.seed, s.top_k, s.logprobs, s.min_tokens),
+            (Some(3), 5, Some(2), 1)
+        );
+        assert_eq!(s.logit_bias[&7], 100.0);
+        assert_eq!(s.constraint, Some(Constraint::Regex("[ab]+".into())));
+        assert!(s.skip_special_tokens && s.spaces_between_special_tokens);
+        // No max_tokens: what the context leaves.
+        assert_eq!(
+            s.max_tokens,
+            Some(100 - g.prompts[0].token_ids.len() as u32)
+        );
+        let Some(Input::Tokenized(t)) = &reqs[0].input else {
+            panic!()
+        };
+        assert_eq!(t.original_text, "a b");
+    }
+
+    #[test]
+    fn chat_takes_max_completion_tokens_and_response_format() {
+        let ctx = ctx();
+        let g = Generation::parse(
+            Endpoint::ChatCompletions,
+            br#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":9,"max_completion_tokens":4,
+                "logprobs":true,"top_logprobs":3,
+                "response_format":{"type":"json_schema","json_schema":{"name":"x","schema":{"type":"object"}}}}"#,
+            &ctx,
+        )
+        .unwrap();
+        let s = &g.sampling[0];
+        assert_eq!((s.max_tokens, s.logprobs), (Some(4), Some(3)));
+        assert_eq!(
+            s.constraint,
+            Some(Constraint::JsonSchema(r#"{"type":"object"}"#.into()))
+        );
+        assert_eq!(g.requests("r")[0].request_id, "chatcmpl-r");
+    }
+
+    #[test]
+    fn continue_final_message_ends_the_prompt_in_the_last_message() {
+        let ctx = ctx();
+        let g = Generation::parse(
+            Endpoint::ChatCompletions,
+            br#"{"messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"Sure, the"}],
+                "continue_final_message":true,"add_generation_prompt":false}"#,
+            &ctx,
+        )
+        .unwrap();
+        assert!(g.prompts[0].text.as_deref().unwrap().ends_with("Sure, the"));
+    }
+
+    #[test]
+    fn bad_requests_name_the_field() {
+        let ctx = ctx();
+        let err = |body: &str| {
+            Generation::parse(Endpoint::Completions, body.as_bytes(), &ctx).unwrap_err()
+        };
+        assert_eq!(err(r#"{"prompt":"a","model":"other"}"#).status, 404);
+        assert_eq!(
+            err(r#"{"prompt":"a","top_p":0}"#).param.as_deref(),
+            Some("top_p")
+        );
+        assert!(err(r#"{"prompt":"a","stop":[""]}"#)
+            .message
+            .contains("empty string"));
+        assert!(
+            err(r#"{"prompt":"a","guided_regex":"a","guided_choice":["a"]}"#)
+                .message
+                .contains("one kind")
+        );
+        let long = format!(r#"{{"prompt":{:?}}}"#, vec![5u32; 101]);
+        assert!(err(&long)
+            .message
+            .contains("contains at least 101 input tokens"));
+    }
+}

@@ -416,3 +416,180 @@ fn write_stop_reason(out: &mut Vec<u8>, stop: &StopReason) {
         StopReason::Token(t) => num(out, *t),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use grpc_proto::engine::{GenerateComplete, GenerateStreamChunk};
+
+    fn ctx() -> ModelContext {
+        ModelContext::from_model_dir(
+            concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/tiny-llama"),
+            "tiny",
+            8192,
+        )
+        .unwrap()
+    }
+
+    fn chunk(index: u32, ids: &[u32]) -> GenerateResponse {
+        GenerateResponse {
+            response: Some(generate_response::Response::Chunk(GenerateStreamChunk {
+                token_ids: ids.to_vec(),
+                index,
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn complete(index: u32, ids: &[u32], reason: &str) -> GenerateResponse {
+        GenerateResponse {
+            response: Some(generate_response::Response::Complete(GenerateComplete {
+                output_ids: ids.to_vec(),
+                finish_reason: reason.into(),
+                index,
+                ..Default::default()
+            })),
+        }
+    }
+
+    /// The `text`/`content` of each data event, with its choice index and finish reason.
+    fn deltas(out: &[u8]) -> Vec<(u64, String, Option<String>)> {
+        String::from_utf8(out.to_vec())
+            .unwrap()
+            .split("\n\n")
+            .filter_map(|e| e.strip_prefix("data: "))
+            .filter(|e| *e != "[DONE]")
+            .filter_map(|e| {
+                let v: serde_json::Value = serde_json::from_str(e).unwrap();
+                let c = v["choices"].get(0)?;
+                let text = c
+                    .get("text")
+                    .or_else(|| c["delta"].get("content"))
+                    .and_then(|t| t.as_str())
+                    .unwrap_or_default()
+                    .to_string();
+                Some((
+                    c["index"].as_u64().unwrap(),
+                    text,
+                    c["finish_reason"].as_str().map(str::to_string),
+                ))
+            })
+            .collect()
+    }
+
+    fn gen(ctx: &ModelContext, body: &str) -> Generation {
+        Generation::parse(Endpoint::Completions, body.as_bytes(), ctx).unwrap()
+    }
+
+    #[test]
+    fn a_character_split_across_chunks_comes_out_whole() {
+        let ctx = ctx();
+        let ids = ctx.tokenizer.encode("日本", false).unwrap();
+        let g = gen(&ctx, r#"{"prompt":"x","stream":true,"max_tokens":64}"#);
+        let mut r = Responder::new(&g, &ctx, "t", 0);
+        let mut out = Vec::new();
+        for &id in &ids {
+            r.on_response(0, &chunk(0, &[id]), &mut out).unwrap();
+        }
+        r.on_response(0, &complete(0, &[2], "stop"), &mut out)
+            .unwrap();
+        r.finish(&mut out);
+        let d = deltas(&out);
+        assert!(ids.len() > 2, "the test wants a character spread over ids");
+        let text: String = d.iter().map(|(_, t, _)| t.as_str()).collect();
+        assert_eq!(text, "日本");
+        assert!(d.iter().all(|(_, t, _)| !t.contains('\u{fffd}')), "{d:?}");
+        assert!(out.ends_with(b"data: [DONE]\n\n"));
+    }
+
+    #[test]
+    fn a_stop_string_spanning_two_chunks_ends_the_choice() {
+        let ctx = ctx();
+        let a = ctx.tokenizer.encode(" hello wor", false).unwrap();
+        let b = ctx.tokenizer.encode("ld again", false).unwrap();
+        let g = gen(
+            &ctx,
+            r#"{"prompt":"x","stream":true,"stop":"world","max_tokens":64}"#,
+        );
+        let mut r = Responder::new(&g, &ctx, "t", 0);
+        let mut out = Vec::new();
+        r.on_response(0, &chunk(0, &a), &mut out).unwrap();
+        r.on_response(0, &chunk(0, &b), &mut out).unwrap();
+        assert!(r.is_finished());
+        r.finish(&mut out);
+        let d = deltas(&out);
+        let text: String = d.iter().map(|(_, t, _)| t.as_str()).collect();
+        assert_eq!(text, " hello ");
+        assert_eq!(d.last().unwrap().2.as_deref(), Some("stop"));
+        let s = String::from_utf8(out).unwrap();
+        assert!(s.contains("\"stop_reason\":\"world\""), "{s}");
+    }
+
+    #[test]
+    fn two_choices_interleave_and_usage_counts_both() {
+        let ctx = ctx();
+        let g = gen(
+            &ctx,
+            r#"{"prompt":"x","stream":true,"n":2,"temperature":1,"max_tokens":2,"stream_options":{"include_usage":true}}"#,
+        );
+        let prompt_len = g.prompts[0].token_ids.len();
+        let mut r = Responder::new(&g, &ctx, "t", 0);
+        let mut out = Vec::new();
+        for (i, id) in [(0, 300), (1, 301), (1, 302), (0, 303)] {
+            r.on_response(0, &chunk(i, &[id]), &mut out).unwrap();
+        }
+        r.on_response(0, &complete(1, &[302], "length"), &mut out)
+            .unwrap();
+        r.on_response(0, &complete(0, &[303], "length"), &mut out)
+            .unwrap();
+        r.finish(&mut out);
+        let d = deltas(&out);
+        let indexes: Vec<u64> = d.iter().map(|x| x.0).collect();
+        assert_eq!(indexes, [0, 1, 1, 0]);
+        assert_eq!(d[2].2.as_deref(), Some("length"));
+        assert_eq!(d[3].2.as_deref(), Some("length"));
+        let s = String::from_utf8(out).unwrap();
+        let usage = format!(
+            "\"choices\":[],\"usage\":{{\"prompt_tokens\":{prompt_len},\"total_tokens\":{},\"completion_tokens\":4}}}}",
+            prompt_len + 4
+        );
+        assert!(s.contains(&usage), "{s}");
+        // The terminal chunks do not carry the fingerprint when a usage chunk follows.
+        assert!(s.ends_with("data: [DONE]\n\n"));
+    }
+
+    #[test]
+    fn continuous_usage_rides_on_every_chunk() {
+        let ctx = ctx();
+        let g = Generation::parse(
+            Endpoint::ChatCompletions,
+            br#"{"messages":[{"role":"user","content":"hi"}],"stream":true,"max_tokens":2,"stream_options":{"include_usage":true,"continuous_usage_stats":true}}"#,
+            &ctx,
+        )
+        .unwrap();
+        let mut r = Responder::new(&g, &ctx, "t", 0);
+        let mut out = Vec::new();
+        r.on_response(0, &chunk(0, &[300]), &mut out).unwrap();
+        let s = String::from_utf8(out).unwrap();
+        let events: Vec<&str> = s.split("\n\n").filter(|e| !e.is_empty()).collect();
+        assert_eq!(events.len(), 2);
+        assert!(events[0].contains("\"completion_tokens\":0,\"completion_tokens_details\":null}"));
+        assert!(events[1].contains("\"completion_tokens\":1,\"completion_tokens_details\":null}"));
+    }
+
+    #[test]
+    fn an_engine_error_becomes_vllms_in_band_error() {
+        let ctx = ctx();
+        let g = gen(&ctx, r#"{"prompt":"x","stream":true,"max_tokens":4}"#);
+        let mut r = Responder::new(&g, &ctx, "t", 0);
+        let mut out = Vec::new();
+        let err = r
+            .on_response(0, &complete(0, &[], "error"), &mut out)
+            .unwrap_err();
+        Responder::error_event(&err, &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "data: {\"error\": {\"message\": \"Internal server error\", \"type\": \"InternalServerError\", \"param\": null, \"code\": 500}}\n\ndata: [DONE]\n\n"
+        );
+    }
+}
