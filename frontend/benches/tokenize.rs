@@ -105,5 +105,56 @@ fn detokenize(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, tokenize, chat_template, detokenize);
+/// A streamed chat completion end to end on the front end's side: parse + tokenize the body,
+/// then render 256 engine chunks (one id each) and the `complete` into SSE bytes.
+fn openai_stream(c: &mut Criterion) {
+    use frontend::openai::{Endpoint, Generation, ModelContext, Responder};
+    use grpc_proto::engine::{
+        generate_response::Response, GenerateComplete, GenerateResponse, GenerateStreamChunk,
+    };
+    let ctx = ModelContext::from_model_dir(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/tiny-llama"),
+        "tiny",
+        8192,
+    )
+    .unwrap();
+    let body = serde_json::json!({
+        "model": "tiny", "stream": true, "max_tokens": 256, "temperature": 0,
+        "stream_options": {"include_usage": true},
+        "messages": [{"role": "user", "content": prompt(300)}],
+    })
+    .to_string();
+    let ids = ctx.tokenizer.encode(&prompt(2048), false).unwrap();
+    let msgs: Vec<GenerateResponse> = ids[..256]
+        .iter()
+        .map(|&id| GenerateResponse {
+            response: Some(Response::Chunk(GenerateStreamChunk {
+                token_ids: vec![id],
+                ..Default::default()
+            })),
+        })
+        .chain(std::iter::once(GenerateResponse {
+            response: Some(Response::Complete(GenerateComplete {
+                output_ids: vec![ids[255]],
+                finish_reason: "length".into(),
+                ..Default::default()
+            })),
+        }))
+        .collect();
+    c.bench_function("openai/parse + render 256-token streamed chat", |b| {
+        let mut out = Vec::with_capacity(64 * 1024);
+        b.iter(|| {
+            out.clear();
+            let g = Generation::parse(Endpoint::ChatCompletions, body.as_bytes(), &ctx).unwrap();
+            let mut r = Responder::new(&g, &ctx, "bench", 0);
+            for m in &msgs {
+                r.on_response(0, m, &mut out).unwrap();
+            }
+            r.finish(&mut out);
+            black_box(out.len())
+        })
+    });
+}
+
+criterion_group!(benches, tokenize, chat_template, detokenize, openai_stream);
 criterion_main!(benches);

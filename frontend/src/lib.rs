@@ -8,11 +8,13 @@
 //! - [`detokenize`]: turning a stream of generated ids into text, one token at a time.
 //! - [`stop`]: stop strings, found across token boundaries and trimmed as vLLM trims them.
 //! - [`sequence`]: one generated sequence's text: decode, stop check, streamed deltas.
+//! - [`openai`]: OpenAI request bodies to engine requests, engine messages to vLLM's responses.
 
 pub mod chat;
 mod conversation;
 pub mod detokenize;
 mod error;
+pub mod openai;
 pub mod prompt;
 pub mod sequence;
 pub mod stop;
