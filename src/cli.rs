@@ -23,7 +23,8 @@ pub struct Cli {
     #[arg(long, default_value_t = 30000)]
     pub port: u16,
 
-    /// Worker URLs (http://host:port), space separated or repeated.
+    /// Worker URLs (http://host:port, or grpc://host:port for an engine behind vLLM's gRPC
+    /// API, which the router then serves as its OpenAI front end), space separated or repeated.
     #[arg(long, num_args = 1.., value_name = "URL")]
     pub worker_urls: Vec<String>,
 
@@ -55,6 +56,21 @@ pub struct Cli {
     /// leg and go straight to a decode worker (0: every prompt is prefilled).
     #[arg(long, default_value_t = 0)]
     pub pd_min_prompt_chars: usize,
+
+    /// gRPC workers: the model's directory (tokenizer.json, tokenizer_config.json, its chat
+    /// template, generation_config.json). Without it (or --tokenizer-path) the tokenizer is
+    /// fetched from a worker (GetTokenizer).
+    #[arg(long, value_name = "DIR")]
+    pub model_path: Option<std::path::PathBuf>,
+
+    /// gRPC workers: the tokenizer's directory, if not --model-path.
+    #[arg(long, value_name = "DIR")]
+    pub tokenizer_path: Option<std::path::PathBuf>,
+
+    /// gRPC workers: the chat template (a file, or the template itself) instead of the
+    /// model's.
+    #[arg(long, value_name = "FILE")]
+    pub chat_template: Option<String>,
 
     /// Policy for prefill workers in P/D mode (default: --policy).
     #[arg(long, value_parser = parse_policy)]

@@ -7,6 +7,7 @@ mod control;
 mod demo;
 mod dp;
 mod logging;
+mod model;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -126,8 +127,23 @@ fn main() -> ExitCode {
             "no --worker-urls given: every routed request will get 503 until workers exist"
         );
     }
+    let grpc_urls = grpc_servers(&worker_urls, &pd_workers);
+    let model_args = model::ModelArgs {
+        model_path: cli.model_path.clone(),
+        tokenizer_path: cli.tokenizer_path.clone(),
+        chat_template: cli.chat_template.clone(),
+    };
+    let wait = std::time::Duration::from_secs(cli.reliability.worker_startup_timeout_secs.max(1));
+    let model = match model::load(&model_args, &grpc_urls, wait) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let (admin_tx, admin_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut cfg = cli.data_plane_config();
+    cfg.model = model.map(|m| shards::config::Model(std::sync::Arc::new(m)));
     cfg.admin = Some(admin_tx);
     cfg.max_workers = cfg
         .max_workers
@@ -300,4 +316,20 @@ fn drain_on_signal(
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+}
+
+/// The gRPC servers among the workers given at start (each once, whatever its ranks).
+fn grpc_servers(worker_urls: &[String], pd: &cli::PdWorkers) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let all = worker_urls
+        .iter()
+        .chain(pd.prefill.iter().map(|(u, _)| u))
+        .chain(pd.decode.iter());
+    for u in all.filter(|u| u.starts_with("grpc://")) {
+        let host = shards::route::host_url(u.trim_end_matches('/')).to_string();
+        if !out.contains(&host) {
+            out.push(host);
+        }
+    }
+    out
 }

@@ -65,6 +65,18 @@ pub struct DataPlaneConfig {
     pub pd: Option<PdConfig>,
     /// One log line per request (target `ringrouter::access`, level info).
     pub access_log: bool,
+    /// The OpenAI front end for gRPC workers (none: requests to them are refused).
+    pub model: Option<Model>,
+}
+
+/// The model gRPC workers serve: the router tokenizes and renders for it.
+#[derive(Clone)]
+pub struct Model(pub std::sync::Arc<frontend::openai::ModelContext>);
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Model({})", self.0.served_model_name)
+    }
 }
 
 /// P/D mode: each generation request is a prefill leg on a prefill worker, then a decode
@@ -107,6 +119,7 @@ impl DataPlaneConfig {
             pool_max_idle_per_worker: 256,
             pd: None,
             access_log: false,
+            model: None,
         }
     }
 }

@@ -42,6 +42,7 @@ use crate::upstream::response::{write_client_head, ClientHead};
 use crate::upstream::{Pool, ResponseFraming, ResponseHead};
 
 mod disagg;
+mod grpc;
 pub use disagg::PdRouting;
 
 type ClientRd = OwnedReadHalf<TcpStream>;
@@ -61,6 +62,8 @@ pub struct Shard {
     pub breakers: std::sync::Arc<Breakers>,
     pub admission: ShardAdmission,
     pub pool: RefCell<Pool>,
+    /// HTTP/2 connections to gRPC workers, one per worker.
+    pub grpc: crate::grpc::Channels,
     pub ids: RequestIds,
     /// Whether to ask workers for their in-band load report (load-using policies).
     pub asks_for_load: bool,
@@ -134,6 +137,7 @@ impl Shard {
         self.pool
             .borrow_mut()
             .retain_slots(|slot| all.by_slot(slot).is_some());
+        self.grpc.retain_slots(|slot| all.by_slot(slot).is_some());
         tracing::debug!(
             shard = self.id,
             epoch = local.epoch,
@@ -1216,6 +1220,8 @@ async fn exchange<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     let mut backoff = false;
     let order = candidates.clone();
     b.rec.attempts = 0;
+    // A gRPC worker's request, parsed and tokenized at its first attempt.
+    let mut prepared = None;
     let mut next = next_worker(shard, set, &mut candidates, &mut deferred);
     if next.is_none() && !set.is_empty() {
         // Every breaker open. As Envoy does below its panic threshold, route as if none
@@ -1248,60 +1254,93 @@ async fn exchange<W: Future<Output = BufResult<usize, Vec<u8>>>>(
         // Counted in the worker's load from the moment it is chosen until its response
         // ended (a stream's last byte), on whichever path this attempt leaves.
         let _in_flight = InFlight::start(shard, worker.slot);
-        loop {
-            // Boxed: connecting and sending take more state than relaying, and only the
-            // relay's should stay allocated for the length of a stream.
-            match Box::pin(attempt(shard, watch, wr, b, body, worker)).await {
-                Attempt::Head(up, head, asked_load) => {
-                    let status = head.status;
-                    if is_retryable_status(status) && attempts < retry.max_attempts {
-                        backoff = true;
-                        if let Some(other) = retry_worker(
-                            shard,
-                            set,
-                            &mut candidates,
-                            &order,
-                            &mut deferred,
-                            &mut backoff,
-                        ) {
-                            if status >= 500 {
-                                outcome.failure();
-                            }
-                            tracing::debug!(worker = %worker.url, status, "retrying on another worker");
-                            last_error = format!("{} answered {status}", worker.url);
-                            // Its answer is discarded with the connection.
-                            drop(up);
-                            next = Some(other);
-                            break;
-                        }
-                    }
-                    if status >= 500 {
-                        outcome.failure();
-                    } else {
-                        outcome.success();
-                    }
-                    if is_retryable_status(status) && retry.max_attempts > 1 {
-                        b.rec.exhausted = true;
-                    }
-                    let how = ClientHead {
-                        close,
-                        dechunk: false,
-                        strip_load_report: asked_load,
-                    };
-                    return relay_body(shard, watch, wr, b, worker, up, head, how).await;
-                }
-                Attempt::Retry { error, same_worker } => {
-                    if same_worker {
-                        // A pooled connection the worker had closed: a fresh one, same worker.
-                        continue;
-                    }
+        if worker.protocol == crate::route::Protocol::Grpc {
+            // Boxed, as the HTTP attempt: only gRPC requests carry its state.
+            match Box::pin(grpc::attempt(
+                shard,
+                watch,
+                wr,
+                b,
+                body,
+                worker,
+                &mut prepared,
+            ))
+            .await
+            {
+                grpc::GrpcAttempt::Retry { error } => {
                     tracing::debug!(worker = %worker.url, %error, "retrying on another worker");
                     last_error = error;
                     outcome.failure();
                     backoff = false;
-                    break;
                 }
-                Attempt::Done(next) => return next,
+                grpc::GrpcAttempt::Done {
+                    next,
+                    worker_failed,
+                } => {
+                    if worker_failed {
+                        outcome.failure();
+                    } else if !b.rec.client_gone {
+                        outcome.success();
+                    }
+                    return next;
+                }
+            }
+        } else {
+            loop {
+                // Boxed: connecting and sending take more state than relaying, and only the
+                // relay's should stay allocated for the length of a stream.
+                match Box::pin(attempt(shard, watch, wr, b, body, worker)).await {
+                    Attempt::Head(up, head, asked_load) => {
+                        let status = head.status;
+                        if is_retryable_status(status) && attempts < retry.max_attempts {
+                            backoff = true;
+                            if let Some(other) = retry_worker(
+                                shard,
+                                set,
+                                &mut candidates,
+                                &order,
+                                &mut deferred,
+                                &mut backoff,
+                            ) {
+                                if status >= 500 {
+                                    outcome.failure();
+                                }
+                                tracing::debug!(worker = %worker.url, status, "retrying on another worker");
+                                last_error = format!("{} answered {status}", worker.url);
+                                // Its answer is discarded with the connection.
+                                drop(up);
+                                next = Some(other);
+                                break;
+                            }
+                        }
+                        if status >= 500 {
+                            outcome.failure();
+                        } else {
+                            outcome.success();
+                        }
+                        if is_retryable_status(status) && retry.max_attempts > 1 {
+                            b.rec.exhausted = true;
+                        }
+                        let how = ClientHead {
+                            close,
+                            dechunk: false,
+                            strip_load_report: asked_load,
+                        };
+                        return relay_body(shard, watch, wr, b, worker, up, head, how).await;
+                    }
+                    Attempt::Retry { error, same_worker } => {
+                        if same_worker {
+                            // A pooled connection the worker had closed: a fresh one, same worker.
+                            continue;
+                        }
+                        tracing::debug!(worker = %worker.url, %error, "retrying on another worker");
+                        last_error = error;
+                        outcome.failure();
+                        backoff = false;
+                        break;
+                    }
+                    Attempt::Done(next) => return next,
+                }
             }
         }
         if next.is_none() && attempts < retry.max_attempts {

@@ -258,6 +258,7 @@ fn run_shard(
             board: shared.board.clone(),
             breakers: shared.breakers,
             admission: ShardAdmission::new(shared.admission),
+            grpc: crate::grpc::Channels::default(),
             pool: RefCell::new(Pool::new(
                 shared.board.slots(),
                 cfg.pool_max_idle_per_worker,

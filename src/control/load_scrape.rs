@@ -120,6 +120,9 @@ async fn scrape(
     rank: Option<u32>,
     timeout: Duration,
 ) -> Option<LoadGauges> {
+    if url.starts_with("grpc://") {
+        return super::engine::loads(url, rank, timeout).await;
+    }
     let uri = format!("{url}/metrics").parse::<hyper::Uri>().ok()?;
     let fetch = async {
         let resp = client.get(uri).await.ok()?;

@@ -7,6 +7,7 @@
 
 mod admin_api;
 pub mod discovery;
+pub mod engine;
 mod health;
 mod load_scrape;
 pub mod membership;
@@ -208,7 +209,11 @@ async fn run(mut c: Control, ready: std::sync::mpsc::Sender<Result<(), String>>)
                     let (client, url, tx) = (client.clone(), url.clone(), results_tx.clone());
                     let (endpoint, timeout) = (h.endpoint.clone(), h.timeout);
                     tokio::spawn(async move {
-                        let r = health::check(&client, &url, &endpoint, timeout).await;
+                        let r = if url.starts_with("grpc://") {
+                            engine::check(&url, timeout).await
+                        } else {
+                            health::check(&client, &url, &endpoint, timeout).await
+                        };
                         let _ = tx.send((url, r));
                     });
                 }

@@ -160,6 +160,7 @@ impl Registry {
                 slot,
                 role: WorkerRole::Regular,
                 dp_rank: Some(rank),
+                protocol: base.protocol,
             };
             added.push(self.insert(worker, role.clone()).worker.url.clone());
         }

@@ -142,7 +142,11 @@ impl Call {
     /// The next response message; `None` once the call ended with status OK.
     pub async fn next<R: Message + Default>(&mut self) -> Result<Option<R>, GrpcError> {
         loop {
-            if let Some(m) = self.decoder.next::<R>().map_err(GrpcError::Protocol)? {
+            if let Some(m) = self
+                .decoder
+                .next_message::<R>()
+                .map_err(GrpcError::Protocol)?
+            {
                 return Ok(Some(m));
             }
             match &mut self.state {

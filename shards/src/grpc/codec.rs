@@ -34,23 +34,29 @@ impl Decoder {
     }
 
     /// The next whole message, if one has arrived.
-    pub fn next<M: Message + Default>(&mut self) -> Result<Option<M>, String> {
+    pub fn next_message<M: Message + Default>(&mut self) -> Result<Option<M>, String> {
         if self.buf.len() < 5 {
             return Ok(None);
         }
         if self.buf[0] != 0 {
-            return Err("the worker sent a compressed message, which the router did not ask for".into());
+            return Err(
+                "the worker sent a compressed message, which the router did not ask for".into(),
+            );
         }
         let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
         if len > MAX_MESSAGE {
-            return Err(format!("a message of {len} bytes exceeds the limit of {MAX_MESSAGE}"));
+            return Err(format!(
+                "a message of {len} bytes exceeds the limit of {MAX_MESSAGE}"
+            ));
         }
         if self.buf.len() < 5 + len {
             return Ok(None);
         }
         self.buf.advance(5);
         let bytes = self.buf.split_to(len);
-        M::decode(bytes).map(Some).map_err(|e| format!("undecodable message: {e}"))
+        M::decode(bytes)
+            .map(Some)
+            .map_err(|e| format!("undecodable message: {e}"))
     }
 }
 
@@ -76,11 +82,11 @@ mod tests {
             let mut d = Decoder::default();
             d.push(&wire[..cut]);
             let mut got = Vec::new();
-            while let Some(m) = d.next::<GenerateStreamChunk>().unwrap() {
+            while let Some(m) = d.next_message::<GenerateStreamChunk>().unwrap() {
                 got.push(m);
             }
             d.push(&wire[cut..]);
-            while let Some(m) = d.next::<GenerateStreamChunk>().unwrap() {
+            while let Some(m) = d.next_message::<GenerateStreamChunk>().unwrap() {
                 got.push(m);
             }
             assert_eq!(got, vec![a.clone(), b.clone()], "cut at {cut}");
@@ -92,16 +98,19 @@ mod tests {
     fn an_empty_message_is_a_message() {
         let mut d = Decoder::default();
         d.push(&encode(&HealthCheckResponse::default()));
-        assert_eq!(d.next::<HealthCheckResponse>().unwrap(), Some(Default::default()));
+        assert_eq!(
+            d.next_message::<HealthCheckResponse>().unwrap(),
+            Some(Default::default())
+        );
     }
 
     #[test]
     fn compressed_and_oversized_messages_are_refused() {
         let mut d = Decoder::default();
         d.push(&[1, 0, 0, 0, 0]);
-        assert!(d.next::<HealthCheckResponse>().is_err());
+        assert!(d.next_message::<HealthCheckResponse>().is_err());
         let mut d = Decoder::default();
         d.push(&[0, 0xff, 0xff, 0xff, 0xff]);
-        assert!(d.next::<HealthCheckResponse>().is_err());
+        assert!(d.next_message::<HealthCheckResponse>().is_err());
     }
 }

@@ -11,4 +11,6 @@ pub mod ring;
 mod worker;
 
 pub use policy::{Candidates, Policy, PolicyConfig, RouteInput, Selector};
-pub use worker::{host_url, parse_worker_url, Worker, WorkerRole, WorkerSet, WorkerUrlError};
+pub use worker::{
+    host_url, parse_worker_url, Protocol, Worker, WorkerRole, WorkerSet, WorkerUrlError,
+};

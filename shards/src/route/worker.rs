@@ -22,6 +22,26 @@ pub struct Worker {
     /// The data-parallel rank this target is (`http://h:p@N`), sent to the worker as
     /// `X-data-parallel-rank`; each rank is its own routing target.
     pub dp_rank: Option<u32>,
+    /// How the router talks to it.
+    pub protocol: Protocol,
+}
+
+/// An OpenAI-compatible HTTP server (`http://`), or an engine behind vLLM's gRPC API
+/// (`grpc://`), for which the router itself is the OpenAI front end.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Protocol {
+    #[default]
+    Http,
+    Grpc,
+}
+
+impl Protocol {
+    pub fn scheme(self) -> &'static str {
+        match self {
+            Protocol::Http => "http://",
+            Protocol::Grpc => "grpc://",
+        }
+    }
 }
 
 impl Worker {
@@ -131,21 +151,23 @@ impl fmt::Display for WorkerUrlError {
 
 impl std::error::Error for WorkerUrlError {}
 
-/// Parses `http://host:port` (port defaults to 80; a trailing `/` is ignored) into a
-/// worker for `slot`.
+/// Parses `http://host:port` or `grpc://host:port` (the port defaults to 80; a trailing
+/// `/` is ignored) into a worker for `slot`.
 pub fn parse_worker_url(url: &str, slot: usize) -> Result<Worker, WorkerUrlError> {
     let err = |reason: &str| WorkerUrlError {
         url: url.to_string(),
         reason: reason.to_string(),
     };
-    let rest = if let Some(rest) = url.strip_prefix("http://") {
-        rest
-    } else if url.starts_with("https://") {
-        return Err(err("https workers are not supported; use http://"));
-    } else if url.starts_with("grpc://") {
-        return Err(err("grpc:// workers are not supported yet"));
+    let (protocol, rest) = if let Some(rest) = url.strip_prefix("http://") {
+        (Protocol::Http, rest)
+    } else if let Some(rest) = url.strip_prefix("grpc://") {
+        (Protocol::Grpc, rest)
+    } else if url.starts_with("https://") || url.starts_with("grpcs://") {
+        return Err(err(
+            "TLS to workers is not supported; use http:// or grpc://",
+        ));
     } else {
-        return Err(err("expected http://host:port"));
+        return Err(err("expected http://host:port or grpc://host:port"));
     };
     let rest = rest.trim_end_matches('/');
     let (authority, dp_rank) = match rest.rsplit_once('@') {
@@ -176,9 +198,10 @@ pub fn parse_worker_url(url: &str, slot: usize) -> Result<Worker, WorkerUrlError
         .map_err(|e| err(&format!("cannot resolve: {e}")))?
         .next()
         .ok_or_else(|| err("host resolves to no address"))?;
+    let scheme = protocol.scheme();
     let url = match dp_rank {
-        Some(r) => format!("http://{authority}@{r}"),
-        None => format!("http://{authority}"),
+        Some(r) => format!("{scheme}{authority}@{r}"),
+        None => format!("{scheme}{authority}"),
     };
     Ok(Worker {
         url,
@@ -187,6 +210,7 @@ pub fn parse_worker_url(url: &str, slot: usize) -> Result<Worker, WorkerUrlError
         slot,
         role: WorkerRole::Regular,
         dp_rank,
+        protocol,
     })
 }
 
@@ -248,9 +272,27 @@ mod tests {
     }
 
     #[test]
+    fn grpc_workers() {
+        let w = parse_worker_url("grpc://127.0.0.1:50051/", 0).unwrap();
+        assert_eq!(w.url, "grpc://127.0.0.1:50051");
+        assert_eq!(w.protocol, Protocol::Grpc);
+        assert_eq!(w.addr, "127.0.0.1:50051".parse().unwrap());
+        let w = parse_worker_url("grpc://127.0.0.1:50051@2", 0).unwrap();
+        assert_eq!(
+            (w.host_url(), w.dp_rank),
+            ("grpc://127.0.0.1:50051", Some(2))
+        );
+        assert_eq!(
+            parse_worker_url("http://127.0.0.1:1", 0).unwrap().protocol,
+            Protocol::Http
+        );
+    }
+
+    #[test]
     fn refuses_what_it_cannot_route_to() {
         assert!(parse_worker_url("127.0.0.1:8000", 0).is_err());
         assert!(parse_worker_url("https://h:1", 0).is_err());
+        assert!(parse_worker_url("grpcs://h:1", 0).is_err());
         assert!(parse_worker_url("http://h:1/v1", 0).is_err());
         assert!(parse_worker_url("http://", 0).is_err());
     }

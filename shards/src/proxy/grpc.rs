@@ -1,0 +1,443 @@
+//! Phase 4–5 for a gRPC worker: the router is the engine's OpenAI front end. The client's
+//! body is parsed and tokenized once (`frontend::openai::Generation`), sent as one
+//! `Generate` call per prompt on the shard's HTTP/2 connection to the worker, and the
+//! engine's token ids come back rendered as vLLM's HTTP server would render them (SSE or
+//! one JSON body). A failure before anything reached the client is retried on another
+//! worker as for HTTP workers; a client that leaves cancels the calls and aborts the
+//! engine's requests (`Abort`), so generation stops at once.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use frontend::openai::{Endpoint, Generation, OpenAiError, Responder};
+use grpc_proto::engine::{AbortRequest, AbortResponse, GenerateRequest, GenerateResponse};
+use grpc_proto::path;
+use h2::client::SendRequest;
+use monoio::io::AsyncWriteRentExt;
+use monoio::BufResult;
+
+use super::{
+    interrupted, release_request, Body, Buffers, ClientWr, Interrupt, Next, Shard, Watch,
+    PASSIVE_DOWN,
+};
+use crate::grpc::{call, Call, GrpcError};
+use crate::http::response::{write_status_line, Reason};
+use crate::metrics::{now_ns, WorkerCount};
+use crate::route::Worker;
+
+/// A request parsed for the engine, kept across attempts on several workers.
+pub(super) struct Prepared {
+    generation: Generation,
+    requests: Vec<GenerateRequest>,
+}
+
+pub(super) enum GrpcAttempt {
+    /// Nothing reached the client and the worker did not take the request: try another.
+    Retry { error: String },
+    /// Answered (or the client left); whether the worker failed it.
+    Done { next: Next, worker_failed: bool },
+}
+
+fn done(next: Next, worker_failed: bool) -> GrpcAttempt {
+    GrpcAttempt::Done {
+        next,
+        worker_failed,
+    }
+}
+
+/// The request's body bytes.
+fn body_bytes<'a>(b: &'a Buffers, body: &Body) -> &'a [u8] {
+    let s = b.start + b.head.len;
+    match body {
+        Body::Inline(n) => &b.inbuf[s..s + n],
+        Body::Decoded { .. } => &b.decoded,
+        Body::Leg => &b.leg,
+    }
+}
+
+/// Answers the client with an OpenAI error body.
+async fn respond_openai_error(wr: &mut ClientWr, b: &mut Buffers, e: &OpenAiError) -> Next {
+    let close = !b.head.keep_alive;
+    b.rec.status = e.status;
+    b.rec.router_error = true;
+    b.out.clear();
+    crate::http::response::write_simple(
+        &mut b.out,
+        e.status,
+        "application/json",
+        &e.body(),
+        Some(&b.rid),
+        close,
+        false,
+    );
+    if super::flush_out(wr, b).await && !close {
+        Next::KeepAlive
+    } else {
+        Next::Close
+    }
+}
+
+/// Parses the client's request for the engine (once per request).
+fn prepare(shard: &Shard, b: &Buffers, body: &Body) -> Result<Prepared, OpenAiError> {
+    let Some(model) = shard.cfg.model.as_ref() else {
+        let mut e = OpenAiError::internal(
+            "a gRPC worker was chosen but the router has no tokenizer loaded for it",
+        );
+        e.status = 503;
+        return Err(e);
+    };
+    let s = b.start;
+    let path = &b.inbuf[s + b.head.path.start..s + b.head.path.end];
+    let path = path.split(|&c| c == b'?').next().unwrap_or(path);
+    let endpoint = match path {
+        b"/v1/completions" => Endpoint::Completions,
+        b"/v1/chat/completions" => Endpoint::ChatCompletions,
+        other => {
+            let mut e = OpenAiError::bad_request(format!(
+                "{} is not served by gRPC workers: they serve /v1/completions and \
+                 /v1/chat/completions",
+                String::from_utf8_lossy(other)
+            ));
+            e.status = 404;
+            return Err(e);
+        }
+    };
+    let generation = Generation::parse(endpoint, body_bytes(b, body), &model.0)?;
+    let rid = String::from_utf8_lossy(&b.rid);
+    let requests = generation.requests(&rid);
+    Ok(Prepared {
+        generation,
+        requests,
+    })
+}
+
+/// One attempt on the gRPC worker `w`.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn attempt<W: Future<Output = BufResult<usize, Vec<u8>>>>(
+    shard: &Shard,
+    watch: &mut Watch<'_, W>,
+    wr: &mut ClientWr,
+    b: &mut Buffers,
+    body: &Body,
+    w: &Arc<Worker>,
+    prepared: &mut Option<Box<Prepared>>,
+) -> GrpcAttempt {
+    if prepared.is_none() {
+        match prepare(shard, b, body) {
+            Ok(p) => *prepared = Some(Box::new(p)),
+            Err(e) => return done(respond_openai_error(wr, b, &e).await, false),
+        }
+    }
+    let p = prepared.as_deref().expect("prepared above");
+    let close = !b.head.keep_alive;
+    let connect = shard.grpc.get(w.slot, w.addr, shard.cfg.connect_timeout);
+    let send = match watch.guard(connect).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            if shard.board.mark_down(w.slot, PASSIVE_DOWN) {
+                tracing::warn!(worker = %w.url, error = %e, "gRPC worker refused a connection; routing around it for {PASSIVE_DOWN:?}");
+            }
+            return GrpcAttempt::Retry {
+                error: e.to_string(),
+            };
+        }
+        Err(i) => return done(interrupted(wr, b, i, close).await, false),
+    };
+    let mut calls: Vec<Call> = Vec::with_capacity(p.requests.len());
+    for req in &p.requests {
+        let dp;
+        let req = match w.dp_rank {
+            Some(rank) => {
+                dp = GenerateRequest {
+                    data_parallel_rank: Some(rank as i32),
+                    ..req.clone()
+                };
+                &dp
+            }
+            None => req,
+        };
+        match watch
+            .guard(call::start(&send, &w.authority, path::GENERATE, req))
+            .await
+        {
+            Ok(Ok(c)) => calls.push(c),
+            Ok(Err(e)) => {
+                shard.grpc.forget(w.slot);
+                abort(&send, w, &p.requests[..calls.len()]);
+                return GrpcAttempt::Retry {
+                    error: format!("{}: {e}", w.url),
+                };
+            }
+            Err(i) => {
+                abort(&send, w, &p.requests[..calls.len()]);
+                return done(interrupted(wr, b, i, close).await, false);
+            }
+        }
+    }
+    // The first message says whether the engine took the request.
+    let first = match watch.guard(calls[0].next::<GenerateResponse>()).await {
+        Ok(Ok(m)) => m,
+        Ok(Err(e)) if e.is_retryable() => {
+            shard.grpc.forget(w.slot);
+            abort(&send, w, &p.requests);
+            return GrpcAttempt::Retry {
+                error: format!("{}: {e}", w.url),
+            };
+        }
+        Ok(Err(e)) => {
+            abort(&send, w, &p.requests);
+            b.rec.worker = Some(w.slot);
+            let failed = e.http_status() >= 500;
+            let err = engine_error(&e);
+            let next = respond_openai_error(wr, b, &err).await;
+            b.rec.router_error = false;
+            return done(next, failed);
+        }
+        Err(i) => {
+            abort(&send, w, &p.requests);
+            return done(interrupted(wr, b, i, close).await, false);
+        }
+    };
+    Box::pin(relay(shard, watch, wr, b, w, &send, p, calls, first)).await
+}
+
+/// An engine's refusal as the client sees it.
+fn engine_error(e: &GrpcError) -> OpenAiError {
+    let message = match e {
+        GrpcError::Status { message, .. } => message.clone(),
+        other => other.to_string(),
+    };
+    let mut err = OpenAiError::bad_request(message);
+    err.status = e.http_status();
+    if err.status != 400 {
+        err = OpenAiError {
+            status: err.status,
+            ..OpenAiError::internal(err.message.clone())
+        };
+    }
+    err
+}
+
+/// Aborts the engine's requests (after their calls were cancelled), without waiting.
+fn abort(send: &SendRequest<Bytes>, w: &Worker, requests: &[GenerateRequest]) {
+    if requests.is_empty() {
+        return;
+    }
+    let ids: Vec<String> = requests.iter().map(|r| r.request_id.clone()).collect();
+    let (send, authority) = (send.clone(), w.authority.clone());
+    monoio::spawn(async move {
+        let req = AbortRequest { request_ids: ids };
+        if let Err(e) =
+            crate::grpc::unary::<_, AbortResponse>(&send, &authority, path::ABORT, &req).await
+        {
+            tracing::debug!(%authority, error = %e, "Abort failed");
+        }
+    });
+}
+
+/// Writes `events` to the client as one chunk of a chunked body.
+fn frame_chunk(out: &mut Vec<u8>, events: &[u8]) {
+    if events.is_empty() {
+        return;
+    }
+    out.extend_from_slice(format!("{:x}\r\n", events.len()).as_bytes());
+    out.extend_from_slice(events);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Phase 5: the engine's messages, rendered, to the client.
+#[allow(clippy::too_many_arguments)]
+async fn relay<W: Future<Output = BufResult<usize, Vec<u8>>>>(
+    shard: &Shard,
+    watch: &mut Watch<'_, W>,
+    wr: &mut ClientWr,
+    b: &mut Buffers,
+    w: &Arc<Worker>,
+    send: &SendRequest<Bytes>,
+    p: &Prepared,
+    mut calls: Vec<Call>,
+    first: Option<GenerateResponse>,
+) -> GrpcAttempt {
+    let model = &shard.cfg.model.as_ref().expect("checked in prepare").0;
+    let close = !b.head.keep_alive;
+    let stream = p.generation.stream;
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let rid = String::from_utf8_lossy(&b.rid).into_owned();
+    let mut responder = Responder::new(&p.generation, model, &rid, created);
+    b.rec.worker = Some(w.slot);
+    b.rec.router_error = false;
+    shard.metrics.worker(w.slot, WorkerCount::Processed).inc();
+    let mut events: Vec<u8> = Vec::with_capacity(512);
+    let mut pending = first;
+    let mut index = 0;
+    if stream {
+        b.rec.status = 200;
+        b.out.clear();
+        write_status_line(&mut b.out, 200, Reason::Standard);
+        b.out.extend_from_slice(
+            b"content-type: text/event-stream; charset=utf-8\r\ntransfer-encoding: chunked\r\nx-request-id: ",
+        );
+        b.out.extend_from_slice(&b.rid);
+        b.out.extend_from_slice(b"\r\n");
+        if close {
+            b.out.extend_from_slice(b"connection: close\r\n");
+        }
+        b.out.extend_from_slice(b"\r\n");
+    }
+    let mut head_sent = false;
+    loop {
+        // Everything the engine has sent for this request so far.
+        let msg = match pending.take() {
+            Some(m) => Some(m),
+            None => {
+                match watch.guard(calls[index].next::<GenerateResponse>()).await {
+                    Ok(Ok(m)) => m,
+                    Ok(Err(e)) => {
+                        abort(send, w, &p.requests);
+                        if let GrpcError::Transport(_) = e {
+                            shard.grpc.forget(w.slot);
+                        }
+                        return fail_mid_response(shard, wr, b, w, stream, head_sent, &e).await;
+                    }
+                    Err(Interrupt::ClientGone) => {
+                        drop(calls);
+                        abort(send, w, &p.requests);
+                        b.rec.client_gone = true;
+                        return done(Next::Close, false);
+                    }
+                    Err(i) => {
+                        drop(calls);
+                        abort(send, w, &p.requests);
+                        let e = GrpcError::Status {
+                        code: crate::grpc::call::code::DEADLINE_EXCEEDED,
+                        message: match i {
+                            Interrupt::Idle => "the worker sent nothing for longer than the stream idle timeout".into(),
+                            _ => "the request took longer than --request-timeout-secs".into(),
+                        },
+                    };
+                        return fail_mid_response(shard, wr, b, w, stream, head_sent, &e).await;
+                    }
+                }
+            }
+        };
+        watch.progress += 1;
+        let Some(msg) = msg else {
+            // This prompt's call ended; the next prompt's, or the end.
+            index += 1;
+            if index < calls.len() {
+                continue;
+            }
+            break;
+        };
+        events.clear();
+        if let Err(e) = responder.on_response(index, &msg, &mut events) {
+            abort(send, w, &p.requests);
+            return fail_with(shard, wr, b, w, stream, head_sent, &e).await;
+        }
+        if stream && (!events.is_empty() || !head_sent) {
+            frame_chunk(&mut b.out, &events);
+            let out = std::mem::take(&mut b.out);
+            let (res, mut out) = wr.write_all(out).await;
+            out.clear();
+            b.out = out;
+            if res.is_err() {
+                drop(calls);
+                abort(send, w, &p.requests);
+                b.rec.client_gone = true;
+                return done(Next::Close, false);
+            }
+            if !head_sent {
+                head_sent = true;
+                b.rec.client_head = now_ns();
+                release_request(b);
+                watch.start_idle_timer(shard.cfg.stream_idle_timeout);
+            }
+            if !events.is_empty() && b.rec.first_body == 0 {
+                b.rec.first_body = now_ns();
+            }
+        }
+    }
+    events.clear();
+    responder.finish(&mut events);
+    if stream {
+        frame_chunk(&mut b.out, &events);
+        b.out.extend_from_slice(b"0\r\n\r\n");
+    } else {
+        b.rec.status = 200;
+        b.out.clear();
+        crate::http::response::write_simple(
+            &mut b.out,
+            200,
+            "application/json",
+            &events,
+            Some(&b.rid),
+            close,
+            false,
+        );
+    }
+    let ok = super::flush_out(wr, b).await;
+    if !stream {
+        let now = now_ns();
+        b.rec.client_head = now;
+        b.rec.first_body = now;
+    }
+    done(if ok { Next::KeepAlive } else { Next::Close }, false)
+}
+
+/// The engine failed the request after it was taken.
+async fn fail_mid_response(
+    shard: &Shard,
+    wr: &mut ClientWr,
+    b: &mut Buffers,
+    w: &Worker,
+    stream: bool,
+    head_sent: bool,
+    e: &GrpcError,
+) -> GrpcAttempt {
+    if let Some(suppressed) = shard.warn_closed.pass() {
+        tracing::warn!(worker = %w.url, error = %e, suppressed, "gRPC worker failed a request mid-response");
+    }
+    let err = engine_error(e);
+    fail_with(shard, wr, b, w, stream, head_sent, &err).await
+}
+
+/// Ends the response with `err`: an error event and `[DONE]` once the stream has begun,
+/// else an error answer.
+async fn fail_with(
+    shard: &Shard,
+    wr: &mut ClientWr,
+    b: &mut Buffers,
+    w: &Worker,
+    stream: bool,
+    head_sent: bool,
+    err: &OpenAiError,
+) -> GrpcAttempt {
+    let failed = err.status >= 500;
+    if failed {
+        super::cut_mid_stream(shard, b, w);
+    }
+    if !stream || !head_sent {
+        b.out.clear();
+        let next = respond_openai_error(wr, b, err).await;
+        b.rec.router_error = false;
+        return done(next, false);
+    }
+    let mut events = Vec::new();
+    err.write_event(&mut events);
+    events.extend_from_slice(b"data: [DONE]\n\n");
+    b.out.clear();
+    frame_chunk(&mut b.out, &events);
+    b.out.extend_from_slice(b"0\r\n\r\n");
+    let ok = super::flush_out(wr, b).await;
+    done(
+        if ok && b.head.keep_alive {
+            Next::KeepAlive
+        } else {
+            Next::Close
+        },
+        false,
+    )
+}
