@@ -143,7 +143,10 @@ fn main() -> ExitCode {
     };
     let (admin_tx, admin_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut cfg = cli.data_plane_config();
-    cfg.model = model.map(|m| shards::config::Model(std::sync::Arc::new(m)));
+    cfg.model = model.map(|(ctx, root)| shards::config::Model {
+        ctx: std::sync::Arc::new(ctx),
+        root,
+    });
     cfg.admin = Some(admin_tx);
     cfg.max_workers = cfg
         .max_workers

@@ -26,13 +26,13 @@ pub struct ModelArgs {
 /// How long one call of the start-up sequence may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The model context for `grpc_urls`, waiting up to `wait` for one of them to answer.
-/// `None` when there are no gRPC workers.
+/// The model context for `grpc_urls` and the model's path on the engines, waiting up to
+/// `wait` for one of them to answer. `None` when there are no gRPC workers.
 pub fn load(
     args: &ModelArgs,
     grpc_urls: &[String],
     wait: Duration,
-) -> Result<Option<ModelContext>, String> {
+) -> Result<Option<(ModelContext, String)>, String> {
     if grpc_urls.is_empty() {
         return Ok(None);
     }
@@ -74,7 +74,7 @@ pub fn load(
         chat_template = ctx.chat_template.is_some(),
         "serving gRPC workers as their OpenAI front end"
     );
-    Ok(Some(ctx))
+    Ok(Some((ctx, facts.model_path)))
 }
 
 /// `--chat-template`: a file if one exists at that path, else the template itself.

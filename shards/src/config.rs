@@ -71,11 +71,43 @@ pub struct DataPlaneConfig {
 
 /// The model gRPC workers serve: the router tokenizes and renders for it.
 #[derive(Clone)]
-pub struct Model(pub std::sync::Arc<frontend::openai::ModelContext>);
+pub struct Model {
+    pub ctx: std::sync::Arc<frontend::openai::ModelContext>,
+    /// The model's path on the engines (`root` in `/v1/models`).
+    pub root: String,
+}
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Model({})", self.0.served_model_name)
+        write!(f, "Model({})", self.ctx.served_model_name)
+    }
+}
+
+impl Model {
+    /// `GET /v1/models` as vLLM answers it.
+    pub fn models_body(&self) -> Vec<u8> {
+        let created = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let perm = format!("modelperm-{:016x}", fastrand::u64(..));
+        let q = |v: &str| serde_json::Value::from(v).to_string();
+        // Written out, for vLLM's key order.
+        format!(
+            concat!(
+                r#"{{"object":"list","data":[{{"id":{id},"object":"model","created":{c},"#,
+                r#""owned_by":"vllm","root":{root},"parent":null,"max_model_len":{len},"#,
+                r#""permission":[{{"id":"{perm}","object":"model_permission","created":{c},"#,
+                r#""allow_create_engine":false,"allow_sampling":true,"allow_logprobs":true,"#,
+                r#""allow_search_indices":false,"allow_view":true,"allow_fine_tuning":false,"#,
+                r#""organization":"*","group":null,"is_blocking":false}}]}}]}}"#
+            ),
+            id = q(&self.ctx.served_model_name),
+            c = created,
+            root = q(&self.root),
+            len = self.ctx.max_model_len,
+            perm = perm,
+        )
+        .into_bytes()
     }
 }
 

@@ -631,6 +631,11 @@ async fn route_request(
                 Some((503, "application/json", e.body()))
             }
         }
+        // A fleet of gRPC workers: the router is their OpenAI server.
+        (Method::Get | Method::Head, b"/v1/models") if grpc_model(shard, &set).is_some() => {
+            let model = grpc_model(shard, &set).expect("guarded");
+            Some((200, "application/json", model.models_body()))
+        }
         (Method::Get | Method::Head, b"/liveness") => {
             Some((200, "application/json", br#"{"status":"ok"}"#.to_vec()))
         }
@@ -710,6 +715,16 @@ async fn route_request(
         }
     };
     proxy(shard, rd, wr, b, body, &set, candidates, prefill).await
+}
+
+/// The model, when every worker in `set` is a gRPC worker (then the router answers what
+/// vLLM's HTTP server would).
+fn grpc_model<'s>(shard: &'s Shard, set: &WorkerSet) -> Option<&'s crate::config::Model> {
+    let all_grpc = !set.is_empty()
+        && set
+            .iter()
+            .all(|w| w.protocol == crate::route::Protocol::Grpc);
+    shard.cfg.model.as_ref().filter(|_| all_grpc)
 }
 
 /// Health probes and the version stay open to anyone; everything else needs the key.
@@ -1222,6 +1237,8 @@ async fn exchange<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     b.rec.attempts = 0;
     // A gRPC worker's request, parsed and tokenized at its first attempt.
     let mut prepared = None;
+    // A path gRPC workers do not serve, answered so if no HTTP worker serves it either.
+    let mut not_served: Option<frontend::openai::OpenAiError> = None;
     let mut next = next_worker(shard, set, &mut candidates, &mut deferred);
     if next.is_none() && !set.is_empty() {
         // Every breaker open. As Envoy does below its panic threshold, route as if none
@@ -1271,6 +1288,12 @@ async fn exchange<W: Future<Output = BufResult<usize, Vec<u8>>>>(
                     tracing::debug!(worker = %worker.url, %error, "retrying on another worker");
                     last_error = error;
                     outcome.failure();
+                    backoff = false;
+                }
+                grpc::GrpcAttempt::NotServed(e) => {
+                    // Not the worker's failure: an HTTP worker may serve it.
+                    last_error = e.message.clone();
+                    not_served = Some(e);
                     backoff = false;
                 }
                 grpc::GrpcAttempt::Done {
@@ -1353,6 +1376,9 @@ async fn exchange<W: Future<Output = BufResult<usize, Vec<u8>>>>(
                 &mut backoff,
             );
         }
+    }
+    if let Some(e) = not_served {
+        return grpc::respond_openai_error(wr, b, &e).await;
     }
     let e = if attempts == 0 {
         ApiError::new(503, "no worker is available")

@@ -23,6 +23,7 @@ use super::{
 };
 use crate::grpc::{call, Call, GrpcError};
 use crate::http::response::{write_status_line, Reason};
+use crate::http::Method;
 use crate::metrics::{now_ns, WorkerCount};
 use crate::route::Worker;
 
@@ -35,6 +36,8 @@ pub(super) struct Prepared {
 pub(super) enum GrpcAttempt {
     /// Nothing reached the client and the worker did not take the request: try another.
     Retry { error: String },
+    /// A path gRPC workers do not serve (an HTTP worker may).
+    NotServed(OpenAiError),
     /// Answered (or the client left); whether the worker failed it.
     Done { next: Next, worker_failed: bool },
 }
@@ -57,7 +60,11 @@ fn body_bytes<'a>(b: &'a Buffers, body: &Body) -> &'a [u8] {
 }
 
 /// Answers the client with an OpenAI error body.
-async fn respond_openai_error(wr: &mut ClientWr, b: &mut Buffers, e: &OpenAiError) -> Next {
+pub(super) async fn respond_openai_error(
+    wr: &mut ClientWr,
+    b: &mut Buffers,
+    e: &OpenAiError,
+) -> Next {
     let close = !b.head.keep_alive;
     b.rec.status = e.status;
     b.rec.router_error = true;
@@ -78,6 +85,27 @@ async fn respond_openai_error(wr: &mut ClientWr, b: &mut Buffers, e: &OpenAiErro
     }
 }
 
+/// What the engine is asked for: the request's path, if a gRPC worker serves it.
+fn endpoint(b: &Buffers) -> Result<Endpoint, OpenAiError> {
+    let s = b.start;
+    let path = &b.inbuf[s + b.head.path.start..s + b.head.path.end];
+    let path = path.split(|&c| c == b'?').next().unwrap_or(path);
+    match (b.head.method(), path) {
+        (Method::Post, b"/v1/completions") => Ok(Endpoint::Completions),
+        (Method::Post, b"/v1/chat/completions") => Ok(Endpoint::ChatCompletions),
+        (_, other) => {
+            let mut e = OpenAiError::bad_request(format!(
+                "{} is not served by gRPC workers: they serve POST /v1/completions and \
+                 /v1/chat/completions",
+                String::from_utf8_lossy(other)
+            ));
+            e.status = 404;
+            e.kind = "NotFoundError";
+            Err(e)
+        }
+    }
+}
+
 /// Parses the client's request for the engine (once per request).
 fn prepare(shard: &Shard, b: &Buffers, body: &Body) -> Result<Prepared, OpenAiError> {
     let Some(model) = shard.cfg.model.as_ref() else {
@@ -87,23 +115,8 @@ fn prepare(shard: &Shard, b: &Buffers, body: &Body) -> Result<Prepared, OpenAiEr
         e.status = 503;
         return Err(e);
     };
-    let s = b.start;
-    let path = &b.inbuf[s + b.head.path.start..s + b.head.path.end];
-    let path = path.split(|&c| c == b'?').next().unwrap_or(path);
-    let endpoint = match path {
-        b"/v1/completions" => Endpoint::Completions,
-        b"/v1/chat/completions" => Endpoint::ChatCompletions,
-        other => {
-            let mut e = OpenAiError::bad_request(format!(
-                "{} is not served by gRPC workers: they serve /v1/completions and \
-                 /v1/chat/completions",
-                String::from_utf8_lossy(other)
-            ));
-            e.status = 404;
-            return Err(e);
-        }
-    };
-    let generation = Generation::parse(endpoint, body_bytes(b, body), &model.0)?;
+    let endpoint = endpoint(b)?;
+    let generation = Generation::parse(endpoint, body_bytes(b, body), &model.ctx)?;
     let rid = String::from_utf8_lossy(&b.rid);
     let requests = generation.requests(&rid);
     Ok(Prepared {
@@ -124,6 +137,9 @@ pub(super) async fn attempt<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     prepared: &mut Option<Box<Prepared>>,
 ) -> GrpcAttempt {
     if prepared.is_none() {
+        if let Err(e) = endpoint(b) {
+            return GrpcAttempt::NotServed(e);
+        }
         match prepare(shard, b, body) {
             Ok(p) => *prepared = Some(Box::new(p)),
             Err(e) => return done(respond_openai_error(wr, b, &e).await, false),
@@ -259,7 +275,7 @@ async fn relay<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     mut calls: Vec<Call>,
     first: Option<GenerateResponse>,
 ) -> GrpcAttempt {
-    let model = &shard.cfg.model.as_ref().expect("checked in prepare").0;
+    let model = &shard.cfg.model.as_ref().expect("checked in prepare").ctx;
     let close = !b.head.keep_alive;
     let stream = p.generation.stream;
     let created = std::time::SystemTime::now()
