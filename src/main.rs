@@ -143,9 +143,10 @@ fn main() -> ExitCode {
     };
     let (admin_tx, admin_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut cfg = cli.data_plane_config();
-    cfg.model = model.map(|(ctx, root)| shards::config::Model {
-        ctx: std::sync::Arc::new(ctx),
-        root,
+    cfg.model = model.map(|m| shards::config::Model {
+        ctx: std::sync::Arc::new(m.ctx),
+        root: m.root,
+        block_tokens: m.block_tokens,
     });
     cfg.admin = Some(admin_tx);
     cfg.max_workers = cfg

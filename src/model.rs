@@ -23,6 +23,18 @@ pub struct ModelArgs {
     pub chat_template: Option<String>,
 }
 
+/// The model as loaded.
+pub struct Loaded {
+    pub ctx: ModelContext,
+    /// The model's path on the engines.
+    pub root: String,
+    /// The engines' KV block size in tokens (vLLM's default, 16, when they do not say).
+    pub block_tokens: usize,
+}
+
+/// vLLM's default KV block size.
+const DEFAULT_BLOCK_TOKENS: usize = 16;
+
 /// How long one call of the start-up sequence may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -32,7 +44,7 @@ pub fn load(
     args: &ModelArgs,
     grpc_urls: &[String],
     wait: Duration,
-) -> Result<Option<(ModelContext, String)>, String> {
+) -> Result<Option<Loaded>, String> {
     if grpc_urls.is_empty() {
         return Ok(None);
     }
@@ -74,7 +86,19 @@ pub fn load(
         chat_template = ctx.chat_template.is_some(),
         "serving gRPC workers as their OpenAI front end"
     );
-    Ok(Some((ctx, facts.model_path)))
+    let block_tokens = match rt.block_on(engine::server_info(&url, CALL_TIMEOUT)) {
+        Ok(info) if info.block_size > 0 => info.block_size as usize,
+        Ok(_) => DEFAULT_BLOCK_TOKENS,
+        Err(e) => {
+            tracing::warn!(worker = %url, error = %e, "no KV block size from GetServerInfo: routing by blocks of {DEFAULT_BLOCK_TOKENS} tokens");
+            DEFAULT_BLOCK_TOKENS
+        }
+    };
+    Ok(Some(Loaded {
+        ctx,
+        root: facts.model_path,
+        block_tokens,
+    }))
 }
 
 /// `--chat-template`: a file if one exists at that path, else the template itself.

@@ -75,6 +75,8 @@ pub struct Model {
     pub ctx: std::sync::Arc<frontend::openai::ModelContext>,
     /// The model's path on the engines (`root` in `/v1/models`).
     pub root: String,
+    /// The engines' KV-cache block size in tokens: cache-aware routing hashes whole blocks.
+    pub block_tokens: usize,
 }
 
 impl std::fmt::Debug for Model {

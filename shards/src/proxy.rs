@@ -616,6 +616,8 @@ async fn route_request(
         };
     }
     let mut routed: Option<Candidates> = None;
+    // A gRPC worker's request, when parsed before routing.
+    let mut prepared: Option<Box<grpc::Prepared>> = None;
     // P/D mode: the prefill workers' set and candidates, when this request has a prefill leg.
     let mut prefill: Option<(Rc<WorkerSet>, Candidates)> = None;
     let local: Option<(u16, &str, Vec<u8>)> = match (method, path) {
@@ -652,18 +654,44 @@ async fn route_request(
             match parse_fields(bytes) {
                 Ok(fields) => {
                     let head_bytes = &b.inbuf[s..s + b.head.len];
-                    routed = Some(choose_workers(
-                        &shard.selector,
-                        &b.head,
-                        head_bytes,
-                        Some(&fields),
-                    ));
-                    // Both legs are chosen from the same routing key.
-                    if let Some(pd) = shard.pd.as_ref().filter(|pd| pd.wants_prefill(p, &fields)) {
-                        let c = choose_workers(&pd.selector, &b.head, head_bytes, Some(&fields));
-                        prefill = Some((pd.prefill.borrow().clone(), c));
+                    // A gRPC fleet: the request is tokenized now, once, and routed by its
+                    // token blocks, as the engines' prefix caches hold them.
+                    let mut token_text = None;
+                    let mut refused = None;
+                    if grpc_model(shard, &set).is_some() && grpc::serves(p) {
+                        match grpc::prepare(shard, b, body) {
+                            Ok(ready) => {
+                                token_text = Some(ready.routing_bytes());
+                                prepared = Some(Box::new(ready));
+                            }
+                            Err(e) => refused = Some(e),
+                        }
                     }
-                    None
+                    if let Some(e) = refused {
+                        Some((e.status, "application/json", e.body()))
+                    } else {
+                        routed = Some(choose_workers(
+                            &shard.selector,
+                            &b.head,
+                            head_bytes,
+                            Some(&fields),
+                            token_text.as_deref(),
+                        ));
+                        // Both legs are chosen from the same routing key.
+                        if let Some(pd) =
+                            shard.pd.as_ref().filter(|pd| pd.wants_prefill(p, &fields))
+                        {
+                            let c = choose_workers(
+                                &pd.selector,
+                                &b.head,
+                                head_bytes,
+                                Some(&fields),
+                                None,
+                            );
+                            prefill = Some((pd.prefill.borrow().clone(), c));
+                        }
+                        None
+                    }
                 }
                 Err(e) => Some((400, "application/json", ApiError::bad_request(e.0).body())),
             }
@@ -702,7 +730,13 @@ async fn route_request(
     }
     let candidates = match routed {
         Some(c) => c,
-        None => choose_workers(&shard.selector, &b.head, &b.inbuf[s..s + b.head.len], None),
+        None => choose_workers(
+            &shard.selector,
+            &b.head,
+            &b.inbuf[s..s + b.head.len],
+            None,
+            None,
+        ),
     };
     let _permit = match shard.admission.acquire().await {
         Ok(p) => p,
@@ -714,7 +748,7 @@ async fn route_request(
             };
         }
     };
-    proxy(shard, rd, wr, b, body, &set, candidates, prefill).await
+    proxy(shard, rd, wr, b, body, &set, candidates, prefill, prepared).await
 }
 
 /// The model, when every worker in `set` is a gRPC worker (then the router answers what
@@ -829,6 +863,7 @@ fn choose_workers(
     head: &RequestHead,
     head_bytes: &[u8],
     fields: Option<&crate::body::RequestFields<'_>>,
+    tokens: Option<&[u8]>,
 ) -> Candidates {
     let mut selector = selector.borrow_mut();
     let policy = selector.policy();
@@ -841,7 +876,9 @@ fn choose_workers(
             .or_else(|| fields.and_then(body_session_key));
     }
     if policy.reads_text() && session_key.is_none() {
-        if let Some(f) = fields {
+        if let Some(t) = tokens {
+            segments.push(t);
+        } else if let Some(f) = fields {
             routing_text(f, &mut segments);
         }
     }
@@ -946,6 +983,7 @@ async fn proxy(
     set: &WorkerSet,
     candidates: Candidates,
     prefill: Option<(Rc<WorkerSet>, Candidates)>,
+    prepared: Option<Box<grpc::Prepared>>,
 ) -> Next {
     let canceller = Canceller::new();
     let mut watch_buf = std::mem::take(&mut b.watch);
@@ -966,7 +1004,7 @@ async fn proxy(
         progress_at_arm: 0,
     };
     let next = match prefill {
-        None => exchange(shard, &mut watch, wr, b, body, set, candidates).await,
+        None => exchange(shard, &mut watch, wr, b, body, set, candidates, prepared).await,
         // Boxed: two legs take more state than one, and the task's size is its largest
         // path's, which every connection would otherwise carry.
         Some((prefill_set, prefill_candidates)) => {
@@ -1226,6 +1264,7 @@ async fn exchange<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     body: &Body,
     set: &WorkerSet,
     mut candidates: Candidates,
+    mut prepared: Option<Box<grpc::Prepared>>,
 ) -> Next {
     let close = !b.head.keep_alive;
     let retry = shard.cfg.retry;
@@ -1235,8 +1274,6 @@ async fn exchange<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     let mut backoff = false;
     let order = candidates.clone();
     b.rec.attempts = 0;
-    // A gRPC worker's request, parsed and tokenized at its first attempt.
-    let mut prepared = None;
     // A path gRPC workers do not serve, answered so if no HTTP worker serves it either.
     let mut not_served: Option<frontend::openai::OpenAiError> = None;
     let mut next = next_worker(shard, set, &mut candidates, &mut deferred);

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use grpc_proto::common::{GetTokenizerChunk, GetTokenizerRequest};
 use grpc_proto::engine::{
     GetLoadsRequest, GetLoadsResponse, GetModelInfoRequest, GetModelInfoResponse,
-    HealthCheckRequest, HealthCheckResponse,
+    GetServerInfoRequest, GetServerInfoResponse, HealthCheckRequest, HealthCheckResponse,
 };
 use grpc_proto::path;
 use h2::client::SendRequest;
@@ -115,6 +115,22 @@ pub async fn model_info(url: &str, timeout: Duration) -> Result<GetModelInfoResp
         )
         .await
         .map_err(|e| format!("GetModelInfo: {e}"))
+    })
+    .await
+}
+
+/// The server's facts (KV block size, data-parallel size, connector).
+pub async fn server_info(url: &str, timeout: Duration) -> Result<GetServerInfoResponse, String> {
+    within(timeout, "GetServerInfo", async {
+        let (send, authority) = connect(url).await?;
+        unary(
+            &send,
+            &authority,
+            path::GET_SERVER_INFO,
+            &GetServerInfoRequest {},
+        )
+        .await
+        .map_err(|e| format!("GetServerInfo: {e}"))
     })
     .await
 }

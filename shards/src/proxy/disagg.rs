@@ -142,7 +142,7 @@ pub(super) async fn exchange_pd<W: Future<Output = BufResult<usize, Vec<u8>>>>(
         Ok(None) if fallback => {
             tracing::debug!(worker = %worker.url, "prefill answered without kv_transfer_params; decoding without it (--pd-fallback-decode-only)");
             b.leg = Vec::new();
-            return exchange(shard, watch, wr, b, body, decode.0, decode.1).await;
+            return exchange(shard, watch, wr, b, body, decode.0, decode.1, None).await;
         }
         Ok(None) => {
             b.rec.no_kv = true;
@@ -171,7 +171,7 @@ pub(super) async fn exchange_pd<W: Future<Output = BufResult<usize, Vec<u8>>>>(
         return answer(wr, b, ApiError::bad_request(e.to_string()), close).await;
     }
     drop(response);
-    exchange(shard, watch, wr, b, &Body::Leg, decode.0, decode.1).await
+    exchange(shard, watch, wr, b, &Body::Leg, decode.0, decode.1, None).await
 }
 
 /// The client's request body.

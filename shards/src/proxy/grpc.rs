@@ -31,6 +31,31 @@ use crate::route::Worker;
 pub(super) struct Prepared {
     generation: Generation,
     requests: Vec<GenerateRequest>,
+    /// The engines' KV block size, in tokens.
+    block_tokens: usize,
+}
+
+impl Prepared {
+    /// What cache-aware routing reads: the first prompt's token ids (little-endian bytes),
+    /// whole engine blocks only, since an engine caches no partial block.
+    pub(super) fn routing_bytes(&self) -> Vec<u8> {
+        let ids = self
+            .generation
+            .prompts
+            .first()
+            .map_or(&[][..], |p| &p.token_ids[..]);
+        let whole = ids.len() / self.block_tokens * self.block_tokens;
+        let mut out = Vec::with_capacity(whole * 4);
+        for id in &ids[..whole] {
+            out.extend_from_slice(&id.to_le_bytes());
+        }
+        out
+    }
+}
+
+/// Whether gRPC workers serve `path` (a POST there).
+pub(super) fn serves(path: &[u8]) -> bool {
+    matches!(path, b"/v1/completions" | b"/v1/chat/completions")
 }
 
 pub(super) enum GrpcAttempt {
@@ -107,7 +132,7 @@ fn endpoint(b: &Buffers) -> Result<Endpoint, OpenAiError> {
 }
 
 /// Parses the client's request for the engine (once per request).
-fn prepare(shard: &Shard, b: &Buffers, body: &Body) -> Result<Prepared, OpenAiError> {
+pub(super) fn prepare(shard: &Shard, b: &Buffers, body: &Body) -> Result<Prepared, OpenAiError> {
     let Some(model) = shard.cfg.model.as_ref() else {
         let mut e = OpenAiError::internal(
             "a gRPC worker was chosen but the router has no tokenizer loaded for it",
@@ -122,6 +147,7 @@ fn prepare(shard: &Shard, b: &Buffers, body: &Body) -> Result<Prepared, OpenAiEr
     Ok(Prepared {
         generation,
         requests,
+        block_tokens: model.block_tokens.max(1),
     })
 }
 
@@ -456,4 +482,45 @@ async fn fail_with(
         },
         false,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use frontend::openai::ModelContext;
+
+    fn prepared(prompt: &str, block_tokens: usize) -> Prepared {
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../frontend/testdata/tiny-llama"
+        );
+        let ctx = ModelContext::from_model_dir(dir, "tiny", 2048).unwrap();
+        let body = serde_json::json!({"model": "tiny", "prompt": prompt, "max_tokens": 1});
+        let generation =
+            Generation::parse(Endpoint::Completions, body.to_string().as_bytes(), &ctx).unwrap();
+        let requests = generation.requests("r");
+        Prepared {
+            generation,
+            requests,
+            block_tokens,
+        }
+    }
+
+    #[test]
+    fn routing_reads_whole_engine_blocks_of_token_ids() {
+        let long = "the quick brown fox jumps over the lazy dog ".repeat(8);
+        let p = prepared(&long, 16);
+        let ids = &p.generation.prompts[0].token_ids;
+        assert!(ids.len() > 32, "{} tokens", ids.len());
+        let bytes = p.routing_bytes();
+        assert_eq!(bytes.len(), ids.len() / 16 * 16 * 4);
+        assert_eq!(&bytes[..4], &ids[0].to_le_bytes());
+        // A prompt that differs only after its whole blocks routes the same.
+        let cut = p.routing_bytes().len() / 4;
+        let text_of_blocks = long.clone() + "and then something else entirely";
+        let q = prepared(&text_of_blocks, 16);
+        assert_eq!(&q.routing_bytes()[..cut * 4], &bytes[..]);
+        // Shorter than a block: nothing to route by.
+        assert!(prepared("hi", 16).routing_bytes().is_empty());
+    }
 }
