@@ -1256,6 +1256,7 @@ impl Drop for Outcome<'_> {
 /// tried again on the policy's next worker, up to `--retry-max-retries` attempts in all;
 /// after a retryable status the next attempt waits the backoff first. The last attempt's
 /// answer, whatever it is, goes to the client.
+#[allow(clippy::too_many_arguments)]
 async fn exchange<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     shard: &Shard,
     watch: &mut Watch<'_, W>,
