@@ -127,6 +127,26 @@ fn main() -> ExitCode {
             "no --worker-urls given: every routed request will get 503 until workers exist"
         );
     }
+    let grpc = |u: &String| u.starts_with("grpc://");
+    let one_kind = |urls: &mut dyn Iterator<Item = &String>| {
+        let kinds: Vec<bool> = urls.map(grpc).collect();
+        kinds.iter().all(|&g| g) || kinds.iter().all(|&g| !g)
+    };
+    if pd_mode
+        && !one_kind(
+            &mut pd_workers
+                .prefill
+                .iter()
+                .map(|(u, _)| u)
+                .chain(pd_workers.decode.iter()),
+        )
+    {
+        eprintln!(
+            "error: P/D mode needs --prefill and --decode workers of one kind: all http:// or \
+             all grpc://"
+        );
+        return ExitCode::from(2);
+    }
     let grpc_urls = grpc_servers(&worker_urls, &pd_workers);
     let model_args = model::ModelArgs {
         model_path: cli.model_path.clone(),

@@ -43,6 +43,7 @@ use crate::upstream::{Pool, ResponseFraming, ResponseHead};
 
 mod disagg;
 mod grpc;
+mod grpc_pd;
 pub use disagg::PdRouting;
 
 type ClientRd = OwnedReadHalf<TcpStream>;
@@ -686,7 +687,7 @@ async fn route_request(
                                 &b.head,
                                 head_bytes,
                                 Some(&fields),
-                                None,
+                                token_text.as_deref(),
                             );
                             prefill = Some((pd.prefill.borrow().clone(), c));
                         }
@@ -1005,6 +1006,19 @@ async fn proxy(
     };
     let next = match prefill {
         None => exchange(shard, &mut watch, wr, b, body, set, candidates, prepared).await,
+        Some((prefill_set, prefill_candidates)) if prepared.is_some() => {
+            Box::pin(grpc_pd::exchange_pd(
+                shard,
+                &mut watch,
+                wr,
+                b,
+                body,
+                (&prefill_set, prefill_candidates),
+                (set, candidates),
+                prepared.expect("guarded"),
+            ))
+            .await
+        }
         // Boxed: two legs take more state than one, and the task's size is its largest
         // path's, which every connection would otherwise carry.
         Some((prefill_set, prefill_candidates)) => {

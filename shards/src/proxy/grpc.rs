@@ -30,7 +30,7 @@ use crate::route::Worker;
 /// A request parsed for the engine, kept across attempts on several workers.
 pub(super) struct Prepared {
     generation: Generation,
-    requests: Vec<GenerateRequest>,
+    pub(super) requests: Vec<GenerateRequest>,
     /// The engines' KV block size, in tokens.
     block_tokens: usize,
 }
@@ -245,7 +245,7 @@ pub(super) async fn attempt<W: Future<Output = BufResult<usize, Vec<u8>>>>(
 }
 
 /// An engine's refusal as the client sees it.
-fn engine_error(e: &GrpcError) -> OpenAiError {
+pub(super) fn engine_error(e: &GrpcError) -> OpenAiError {
     let message = match e {
         GrpcError::Status { message, .. } => message.clone(),
         other => other.to_string(),
