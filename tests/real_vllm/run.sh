@@ -18,8 +18,9 @@
 # After the HTTP group, a gRPC phase: the second server is restarted as the same engine behind
 # vLLM's gRPC API (`real-vllm.sh start --grpc`, the same START_ARGS: its served name is `tiny`
 # as well, and it logs requests and aborts), and tests/real_vllm/test_real_grpc.py runs
-# against it with the first (HTTP) server as the judge; then that server is stopped. ~70-100 s
-# more, nearly all of it the engine's start.
+# against it with the first (HTTP) server as the judge; then that server is stopped
+# (REAL_VLLM_KEEP=1: left running, as the gRPC engine). ~70-100 s more, nearly all of it the
+# engine's start (160 s on a host busy with other work).
 #
 # The tests run only when the servers are up: this script tells them through REAL_VLLM_URLS
 # (and REAL_VLLM_LOGS, REAL_VLLM_CTL, REAL_VLLM_START_ARGS, REAL_VLLM_MAX_NUM_SEQS; see
