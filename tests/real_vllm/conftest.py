@@ -61,8 +61,8 @@ def grpc_skip_reason() -> str | None:
         return f"no ringrouter binary at {BIN / 'ringrouter'} (cargo build --bins)"
     if FRONTEND == "smg" and not smg_exe():
         return "REAL_VLLM_GRPC_FRONTEND=smg but no smg: set REAL_VLLM_SMG to its executable"
-    if FRONTEND not in ("ringrouter", "smg"):
-        return f"REAL_VLLM_GRPC_FRONTEND={FRONTEND!r}: ringrouter or smg"
+    if FRONTEND not in ("ringrouter", "smg") and not FRONTEND.startswith("http://"):
+        return f"REAL_VLLM_GRPC_FRONTEND={FRONTEND!r}: ringrouter, smg or http://HOST:PORT"
     return None
 
 

@@ -12,7 +12,10 @@ hand:
   engine (`grpc_probe.py`); default `$VLLM_ROOT/venv/bin/python` (the real-vLLM venv);
 - `REAL_VLLM_GRPC_FRONTEND`: `ringrouter` (default: `target/$RINGROUTER_PROFILE/ringrouter`)
   or `smg` (PyPI `smg` 1.13, the Shepherd Model Gateway: the same role, to check that the
-  tests judge soundly; its executable from `REAL_VLLM_SMG`, else `smg` on PATH);
+  tests judge soundly; its executable from `REAL_VLLM_SMG`, else `smg` on PATH), or the URL
+  of an OpenAI server already running (`http://127.0.0.1:8501`: vLLM's HTTP server judged
+  by itself, which must pass every comparison: the check of the checks; the tests that
+  watch the gRPC engine or start a front end of their own are skipped then);
 - `REAL_VLLM_GRPC_FRONTEND_ARGS`: extra flags for the front end (shell words)."""
 
 from __future__ import annotations
@@ -45,9 +48,24 @@ def smg_exe() -> str | None:
     return shutil.which("smg")
 
 
+class External:
+    """An OpenAI server already running, as the front end (not started, not stopped)."""
+
+    def __init__(self, url: str):
+        self.url, self.proc = url.rstrip("/"), None
+
+    def stop(self):
+        pass
+
+
+EXTERNAL = FRONTEND.startswith("http://")
+
+
 def start_frontend(tokenizer: str | None = TOKENIZER):
     """The front end under test in front of the gRPC engine; `tokenizer` None or "": no
     tokenizer flag (the front end asks the engine for it)."""
+    if EXTERNAL:
+        return External(FRONTEND)
     tok = ["--model-path", tokenizer] if tokenizer else []
     if FRONTEND == "smg":
         return Smg(smg_exe(), [GRPC_URL], *tok, *FRONTEND_ARGS)

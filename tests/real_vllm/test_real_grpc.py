@@ -20,7 +20,7 @@ import time
 import openai
 import pytest
 
-from grpc_env import FRONTEND, GRPC_LOG, GRPC_URL, TOKENIZER, grpc_python, start_frontend
+from grpc_env import EXTERNAL, FRONTEND, GRPC_LOG, GRPC_URL, TOKENIZER, grpc_python, start_frontend
 from helpers import (Conn, GrpcProbe, build_request, canonical_events, get, normalise_value, post,
                      wait_for)
 
@@ -287,6 +287,8 @@ def test_same_model_name_as_http(model, front_model):
 
 
 def test_models_lists_the_engines_model(front, probe):
+    if EXTERNAL:
+        pytest.skip("the front end is an external server, not in front of the gRPC engine")
     r = get(front.url, "/v1/models")
     assert r.status == 200, r.body
     body = r.json()
@@ -443,6 +445,8 @@ def test_client_leaving_makes_the_engine_abort(front, front_model, clients, prob
     (the servicer, on the Abort RPC) or `Aborted request(s)` (vLLM's engine: also when the
     front end only cancels the Generate stream, which aborts the request as well). Without
     --enable-log-requests only the Abort RPC is logged, so the log is read but not required."""
+    if EXTERNAL:
+        pytest.skip("the front end is an external server, not in front of the gRPC engine")
     path, extra = ABORT_CASES[case]
     idle = lambda: (lambda l: l if l["running"] == 0 and l["waiting"] == 0 and l["active"] == 0 else None)(
         probe.loads())
@@ -486,8 +490,8 @@ def test_client_leaving_makes_the_engine_abort(front, front_model, clients, prob
 
 
 def test_tokenizer_fetched_from_the_engine(a, model, clients):
-    if not TOKENIZER:
-        pytest.skip("the module's front end already runs without a tokenizer path")
+    if not TOKENIZER or EXTERNAL:
+        pytest.skip("the module's front end already runs without a tokenizer path, or is external")
     f = start_frontend(tokenizer=None)
     try:
         fm = get(f.url, "/v1/models").json()["data"][0]["id"]
