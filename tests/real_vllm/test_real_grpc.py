@@ -4,13 +4,20 @@ HTTP server on the same model would. The judge is that server: the same request,
 (`temperature: 0`) or seeded, goes to vLLM's HTTP server (REAL_VLLM_URLS, first entry) and
 through the front end to the gRPC engine (REAL_VLLM_GRPC_URL); through the official `openai`
 client, the text, finish_reason and usage of every choice must be equal, streamed (deltas
-concatenated) and not. Besides: /v1/models lists the engine's model, a client that leaves
-makes the engine drop the request within seconds, and a bad request gets vLLM's 400 (or
-404) with an OpenAI-style JSON error.
+concatenated) and not; then, stricter, the whole answer field by field as vLLM writes it
+(raw HTTP; a stream read as `canonical_events` reads it). Besides: /v1/models lists the
+engine's model (and vLLM's entry for it), a client that leaves makes the engine drop the
+request within seconds (seen by the engine: GetLoads, GetServerInfo, its log), and a bad
+request gets vLLM's 400 (or 404) with an OpenAI-style JSON error, then vLLM's own error
+fields; without a tokenizer path the front end fetches the engine's and answers the same.
 
 Environment: see `grpc_env.py`. `REAL_VLLM_GRPC_FRONTEND=smg` puts smg (PyPI `smg`) in the
 router's place, which is how these tests were checked before the router could speak gRPC,
-and stays useful to tell a wrong expectation from a router bug."""
+and stays useful to tell a wrong expectation from a router bug (smg 1.13 passes the chat
+cases, the statuses of all bad requests but one, the aborts; it fails every completion, as
+it tokenizes prompts without BOS, and vLLM's own response and error fields);
+`REAL_VLLM_GRPC_FRONTEND=http://127.0.0.1:PORT` judges vLLM's HTTP server by itself, which
+passes every comparison."""
 
 from __future__ import annotations
 
