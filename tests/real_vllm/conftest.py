@@ -9,6 +9,11 @@ started them (`tests/real_vllm/run.sh`, which `./test.sh` and CI call):
 - `REAL_VLLM_MAX_NUM_SEQS`: the servers' `--max-num-seqs` (the load tests queue requests
   beyond it).
 
+The gRPC tests (`test_real_grpc.py`: the router as vLLM's OpenAI front end of an engine
+started with `--grpc`, judged by the first server of `REAL_VLLM_URLS`) run only when
+`REAL_VLLM_GRPC_URL` is set too (`grpc://127.0.0.1:PORT`; run.sh's gRPC phase); see that
+module for the rest of their environment.
+
 Without `REAL_VLLM_URLS` every test here is skipped, so plain `pytest` works without vLLM."""
 
 from __future__ import annotations
@@ -33,11 +38,32 @@ def pytest_collection_modifyitems(config, items):
         reason = "no real vLLM servers: REAL_VLLM_URLS is not set (tests/real_vllm/run.sh starts them)"
     elif not (BIN / "ringrouter").exists():
         reason = f"no ringrouter binary at {BIN / 'ringrouter'} (cargo build --bins)"
-    if reason is None:
-        return
+    grpc_reason = grpc_skip_reason()
     for item in items:
-        if Path(str(item.fspath)).parent == here:
+        path = Path(str(item.fspath))
+        if path.parent != here:
+            continue
+        if path.name == "test_real_grpc.py":
+            if grpc_reason:
+                item.add_marker(pytest.mark.skip(reason=grpc_reason))
+        elif reason:
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def grpc_skip_reason() -> str | None:
+    """Why the gRPC tests cannot run here, or None."""
+    from grpc_env import FRONTEND, GRPC_URL, smg_exe
+    if not GRPC_URL:
+        return "no gRPC engine: REAL_VLLM_GRPC_URL is not set (tests/real_vllm/run.sh's gRPC phase)"
+    if not URLS:
+        return "no HTTP reference: REAL_VLLM_URLS is not set (the gRPC tests judge by vLLM's own HTTP server)"
+    if FRONTEND == "ringrouter" and not (BIN / "ringrouter").exists():
+        return f"no ringrouter binary at {BIN / 'ringrouter'} (cargo build --bins)"
+    if FRONTEND == "smg" and not smg_exe():
+        return "REAL_VLLM_GRPC_FRONTEND=smg but no smg: set REAL_VLLM_SMG to its executable"
+    if FRONTEND not in ("ringrouter", "smg") and not FRONTEND.startswith("http://"):
+        return f"REAL_VLLM_GRPC_FRONTEND={FRONTEND!r}: ringrouter, smg or http://HOST:PORT"
+    return None
 
 
 @pytest.fixture(scope="session")

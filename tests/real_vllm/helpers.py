@@ -537,3 +537,107 @@ class Flood:
             except OSError:
                 pass
             c.close()
+
+
+# ------------------------------------------------------------------------------------------
+# gRPC workers: a front end (ringrouter, or smg to judge the judges) in front of a vLLM engine
+# started with `--grpc`, and a witness on that engine
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class Smg:
+    """smg (PyPI `smg`, the Shepherd Model Gateway) as the OpenAI front end of gRPC workers:
+    `smg launch` on a free loopback port (its Prometheus listener too), ready when its
+    /v1/models lists a model. The same surface as `Router` for the tests (`url`, `proc`,
+    `log()`, `stop()`)."""
+
+    def __init__(self, exe: str, workers: list[str], *args: str, timeout: float = 90.0):
+        port, prom = free_port(), free_port()
+        self.cmd = [exe, "launch", "--host", "127.0.0.1", "--port", str(port),
+                    "--prometheus-host", "127.0.0.1", "--prometheus-port", str(prom),
+                    "--log-level", "warn", "--worker-urls", *workers, *args]
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, env=dict(os.environ, NO_COLOR="1"))
+        self.lines: list[str] = []
+        threading.Thread(target=self._drain, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"smg exited ({self.proc.returncode}):\n{self.log()[-4000:]}")
+            try:
+                r = get(self.url, "/v1/models", timeout=5)
+                if r.status == 200 and r.json().get("data"):
+                    break
+            except (OSError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"smg not ready in {timeout} s:\n{self.log()[-4000:]}")
+            time.sleep(0.3)
+
+    def _drain(self):
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+PROBE = Path(__file__).resolve().parent / "grpc_probe.py"
+
+
+class GrpcProbe:
+    """The engine's own account over gRPC (GetLoads, GetServerInfo, GetModelInfo), asked
+    through `grpc_probe.py` in a Python that has grpcio and smg-grpc-proto (the real-vLLM
+    venv), kept running so that a poll costs a round trip, not an interpreter start."""
+
+    def __init__(self, target: str, python: str):
+        self.proc = subprocess.Popen([python, str(PROBE), target], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lock = threading.Lock()
+
+    def ask(self, cmd: str) -> dict:
+        with self.lock:
+            self.proc.stdin.write(cmd + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("grpc_probe.py exited: " + self.proc.stderr.read()[-2000:])
+        out = json.loads(line)
+        if "error" in out:
+            raise RuntimeError(f"gRPC {cmd}: {out['error']}")
+        return out
+
+    def loads(self) -> dict:
+        """{"running", "waiting": the scheduler's (GetLoads), "active": the Generate calls the
+        servicer holds (GetServerInfo)}."""
+        return self.ask("loads")
+
+    def info(self) -> dict:
+        return self.ask("info")
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)

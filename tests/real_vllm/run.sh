@@ -13,6 +13,14 @@
 #   REAL_VLLM_KEEP=1   leave the servers running afterwards (then stop them with
 #                      `VLLM_PORT_HTTP=PORT tools/real-vllm/real-vllm.sh stop`)
 #   PYTHON             the Python that runs pytest (default python3; needs openai, pytest)
+#   REAL_VLLM_GRPC=0   skip the gRPC phase (below)
+#
+# After the HTTP group, a gRPC phase: the second server is restarted as the same engine behind
+# vLLM's gRPC API (`real-vllm.sh start --grpc`, the same START_ARGS: its served name is `tiny`
+# as well, and it logs requests and aborts), and tests/real_vllm/test_real_grpc.py runs
+# against it with the first (HTTP) server as the judge; then that server is stopped
+# (REAL_VLLM_KEEP=1: left running, as the gRPC engine). ~70-100 s more, nearly all of it the
+# engine's start (160 s on a host busy with other work).
 #
 # The tests run only when the servers are up: this script tells them through REAL_VLLM_URLS
 # (and REAL_VLLM_LOGS, REAL_VLLM_CTL, REAL_VLLM_START_ARGS, REAL_VLLM_MAX_NUM_SEQS; see
@@ -79,4 +87,26 @@ t2=$(date +%s)
 status=0
 "$PY" -m pytest -q tests/real_vllm "$@" || status=$?
 echo "real-vLLM group: $(( $(date +%s) - t2 )) s of tests"
+
+# gRPC phase: the second port's server becomes a gRPC engine (SMG_VLLM_SERVICER_KV_EVENTS=0:
+# the servicer would otherwise publish KV events on a ZMQ socket bound to all interfaces).
+if [ "${REAL_VLLM_GRPC:-1}" = 1 ]; then
+  t3=$(date +%s)
+  G=${PORTS[1]}
+  VLLM_PORT_HTTP=$G "$CTL" stop >/dev/null 2>&1 || true
+  # shellcheck disable=SC2086
+  if ! SMG_VLLM_SERVICER_KV_EVENTS=0 VLLM_PORT_HTTP=$G "$CTL" start --grpc $START_ARGS \
+      >"$VLLM_ROOT/start-$G-grpc.out" 2>&1; then
+    echo "real vLLM (gRPC) on port $G did not start:" >&2
+    cat "$VLLM_ROOT/start-$G-grpc.out" >&2
+    exit 1
+  fi
+  echo "real vLLM (gRPC) up on $G: $(( $(date +%s) - t3 )) s"
+  t4=$(date +%s)
+  REAL_VLLM_URLS=${urls[0]} REAL_VLLM_LOGS=${logs[0]} \
+  REAL_VLLM_GRPC_URL=grpc://127.0.0.1:$G REAL_VLLM_GRPC_LOG="$VLLM_ROOT/server-$G.log" \
+  REAL_VLLM_TOKENIZER="$VLLM_ROOT/tiny-llama-ctx8192" REAL_VLLM_GRPC_PYTHON="$VLLM_ROOT/venv/bin/python" \
+    "$PY" -m pytest -q tests/real_vllm/test_real_grpc.py || status=$?
+  echo "real-vLLM gRPC phase: $(( $(date +%s) - t4 )) s of tests, $(( $(date +%s) - t3 )) s in all"
+fi
 exit $status
