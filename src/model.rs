@@ -94,6 +94,22 @@ pub fn load(
             DEFAULT_BLOCK_TOKENS
         }
     };
+    // vLLM's `system_fingerprint` is `vllm-<version>-<hash of its engine config>`; the config
+    // is not exposed over gRPC, so the hash here is of what the engine does tell.
+    match rt.block_on(engine::version(&url, CALL_TIMEOUT)) {
+        Ok(v) if !v.is_empty() => {
+            let config = format!(
+                "{}|{}|{}|{block_tokens}",
+                facts.model_path, max_len, facts.vocab_size
+            );
+            let h = Sha256::digest(config.as_bytes());
+            ctx = ctx.with_system_fingerprint(Some(format!("vllm-{v}-{}", &hex(&h)[..8])));
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(worker = %url, error = %e, "no vLLM version from GetLoads: system_fingerprint will be null")
+        }
+    }
     Ok(Some(Loaded {
         ctx,
         root: facts.model_path,

@@ -280,12 +280,3 @@ fn errors_match_vllms_bodies() {
         assert_eq!(String::from_utf8(err.body()).unwrap(), want, "{name}");
     }
 }
-
-#[test]
-#[ignore]
-fn dump() {
-    let name = std::env::var("CASE").unwrap();
-    let (got, want) = replay(&name);
-    std::fs::write("/tmp/got.txt", got).unwrap();
-    std::fs::write("/tmp/want.txt", want).unwrap();
-}

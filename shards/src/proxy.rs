@@ -694,6 +694,17 @@ async fn route_request(
                         None
                     }
                 }
+                // A gRPC fleet's client gets the refusal vLLM's own server would give.
+                Err(_) if grpc_model(shard, &set).is_some() && grpc::serves(p) => {
+                    match grpc::prepare(shard, b, body) {
+                        Err(e) => Some((e.status, "application/json", e.body())),
+                        Ok(_) => Some((
+                            400,
+                            "application/json",
+                            ApiError::bad_request("request body is not valid JSON").body(),
+                        )),
+                    }
+                }
                 Err(e) => Some((400, "application/json", ApiError::bad_request(e.0).body())),
             }
         }

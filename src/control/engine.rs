@@ -103,6 +103,23 @@ fn gauges(r: &GetLoadsResponse, rank: Option<u32>) -> LoadGauges {
     g
 }
 
+/// The engine's vLLM version (as `GetLoads` reports it).
+pub async fn version(url: &str, timeout: Duration) -> Result<String, String> {
+    within(timeout, "GetLoads", async {
+        let (send, authority) = connect(url).await?;
+        let r: GetLoadsResponse = unary(
+            &send,
+            &authority,
+            path::GET_LOADS,
+            &GetLoadsRequest::default(),
+        )
+        .await
+        .map_err(|e| format!("GetLoads: {e}"))?;
+        Ok(r.version)
+    })
+    .await
+}
+
 /// The model's facts (served name, context length, default sampling parameters).
 pub async fn model_info(url: &str, timeout: Duration) -> Result<GetModelInfoResponse, String> {
     within(timeout, "GetModelInfo", async {

@@ -46,6 +46,18 @@ impl OpenAiError {
         }
     }
 
+    /// What vLLM's request schema (pydantic) refuses: a malformed body or a field of the
+    /// wrong type or missing. vLLM answers these with type `Bad Request` and `param`
+    /// `body.<field>` (`body.<offset>` for JSON that does not parse).
+    pub fn schema(loc: &str, message: impl std::fmt::Display) -> Self {
+        Self {
+            status: 400,
+            message: format!("1 validation error: body.{loc}: {message}"),
+            kind: "Bad Request",
+            param: Some(format!("body.{loc}")),
+        }
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self {
             status: 500,

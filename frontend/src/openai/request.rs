@@ -97,13 +97,15 @@ const SAMPLING_EPS: f64 = 1e-5;
 
 impl Generation {
     pub fn parse(endpoint: Endpoint, body: &[u8], ctx: &ModelContext) -> Result<Self, OpenAiError> {
-        let b: Body = serde_json::from_slice(body)
-            .map_err(|e| OpenAiError::bad_request(format!("invalid request body: {e}")))?;
+        let b: Body = parse_body(body)?;
         if let Some(model) = &b.model {
             if *model != ctx.served_model_name {
                 return Err(OpenAiError {
                     status: 404,
-                    message: format!("The model `{model}` does not exist."),
+                    message: format!(
+                        "The model `{model}` does not exist. Valid aliases: {}.",
+                        ctx.served_model_name
+                    ),
                     kind: "NotFoundError",
                     param: Some("model".into()),
                 });
@@ -112,9 +114,10 @@ impl Generation {
 
         let prompts = match endpoint {
             Endpoint::Completions => {
-                let prompt = b.prompt.as_ref().ok_or_else(|| {
-                    OpenAiError::bad_request("`prompt` is required").with_param("prompt")
-                })?;
+                let prompt = b
+                    .prompt
+                    .as_ref()
+                    .ok_or_else(|| OpenAiError::schema("prompt", "Field required"))?;
                 Prompt::from_json(prompt)
                     .and_then(|p| p.tokenize(&ctx.tokenizer, b.add_special_tokens.unwrap_or(true)))
                     .map_err(|e| OpenAiError::bad_request(e.to_string()).with_param("prompt"))?
@@ -122,7 +125,7 @@ impl Generation {
             Endpoint::ChatCompletions => vec![chat_prompt(&b, ctx)?],
         };
         for p in &prompts {
-            check_length(p.token_ids.len(), ctx.max_model_len)?;
+            check_length(p.token_ids.len(), p.text.is_some(), ctx.max_model_len)?;
         }
 
         let sampling = prompts
@@ -186,9 +189,12 @@ impl Generation {
     }
 }
 
-fn check_length(len: usize, max_model_len: u32) -> Result<(), OpenAiError> {
+/// A prompt longer than the context is refused. vLLM tokenizes text with truncation at one
+/// token past the context, so for text it can only say "at least" that many.
+fn check_length(len: usize, from_text: bool, max_model_len: u32) -> Result<(), OpenAiError> {
     let max = max_model_len as usize;
     if len > max {
+        let len = if from_text { len.min(max + 1) } else { len };
         let qualifier = if len == max + 1 { "at least " } else { "" };
         return Err(OpenAiError::validation(
             format!(
@@ -203,10 +209,47 @@ fn check_length(len: usize, max_model_len: u32) -> Result<(), OpenAiError> {
     Ok(())
 }
 
+/// The body as vLLM's schema reads it; a refusal names the field (or the JSON offset).
+fn parse_body(body: &[u8]) -> Result<Body<'_>, OpenAiError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let inner = e.inner();
+        if inner.is_syntax() || inner.is_eof() {
+            // Python's offset of the character it stopped at.
+            let offset = offset_of(body, inner.line(), inner.column(), inner.is_eof());
+            OpenAiError::schema(&offset.to_string(), format!("JSON decode error: {inner}"))
+        } else {
+            OpenAiError::schema(&e.path().to_string(), inner)
+        }
+    })
+}
+
+/// The 0-based offset of serde's 1-based (line, column); at the end for an early EOF.
+fn offset_of(body: &[u8], line: usize, column: usize, eof: bool) -> usize {
+    if eof {
+        return String::from_utf8_lossy(body).chars().count();
+    }
+    let text = String::from_utf8_lossy(body);
+    let mut offset = 0;
+    for (i, l) in text.split('\n').enumerate() {
+        if i + 1 == line {
+            return offset + column.saturating_sub(1);
+        }
+        offset += l.chars().count() + 1;
+    }
+    offset
+}
+
 fn chat_prompt(b: &Body, ctx: &ModelContext) -> Result<TokenizedPrompt, OpenAiError> {
     let messages = b
         .messages
-        .ok_or_else(|| OpenAiError::bad_request("`messages` is required").with_param("messages"))?;
+        .ok_or_else(|| OpenAiError::schema("messages", "Field required"))?;
+    if !messages.get().trim_start().starts_with('[') {
+        return Err(OpenAiError::schema(
+            "messages",
+            "Input should be a valid list",
+        ));
+    }
     let template = ctx.chat_template()?;
     let continue_final = b.continue_final_message.unwrap_or(false);
     let add_generation_prompt = b.add_generation_prompt.unwrap_or(true);
@@ -356,6 +399,17 @@ fn sampling_params(
                 m,
             ))
         }
+        Some(m) if m > i64::from(ctx.max_model_len) => {
+            return Err(OpenAiError::validation(
+                format!(
+                    "max_tokens={m} cannot be greater than max_model_len={}. Please request \
+                     fewer output tokens.",
+                    ctx.max_model_len
+                ),
+                "max_tokens",
+                m,
+            ))
+        }
         Some(m) => room.min(u32::try_from(m).unwrap_or(u32::MAX)),
         None => d.max_tokens.map_or(room, |m| room.min(m)),
     };
@@ -413,14 +467,13 @@ fn sampling_params(
             .map(|v| v.as_str().map(str::to_string))
             .collect::<Option<Vec<_>>>()
             .ok_or_else(|| {
-                OpenAiError::bad_request("stop must be a string or a list of strings")
-                    .with_param("stop")
+                OpenAiError::schema("stop", "Input should be a valid string or list of strings")
             })?,
         Some(_) => {
-            return Err(
-                OpenAiError::bad_request("stop must be a string or a list of strings")
-                    .with_param("stop"),
-            )
+            return Err(OpenAiError::schema(
+                "stop",
+                "Input should be a valid string or list of strings",
+            ))
         }
     };
     if stop.iter().any(String::is_empty) {
