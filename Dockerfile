@@ -27,6 +27,7 @@ COPY .cargo .cargo
 COPY src src
 COPY shards shards
 COPY frontend frontend
+COPY grpc-proto grpc-proto
 COPY tools tools
 COPY benches benches
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
