@@ -17,6 +17,7 @@
 
 mod config;
 mod errors;
+pub mod grpc;
 mod handler;
 mod info;
 mod knobs;

@@ -1,12 +1,14 @@
 //! `mock-vllm`: run one or more fake vLLM servers from the command line (benchmarks, demos).
 //! Flags mirror `MockConfig`; `--workers N` starts N mocks on consecutive ports in one
-//! process. Prints `mock-vllm <name> listening on http://HOST:PORT` per listener.
+//! process. Prints `mock-vllm <name> listening on http://HOST:PORT` per listener. With
+//! `--grpc`, the listeners serve vLLM's gRPC engine API instead (`mock_vllm::grpc`).
 
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use clap::Parser;
+use mock_vllm::grpc::{GrpcConfig, GrpcState};
 use mock_vllm::{serve, MockConfig, MockState};
 
 #[derive(Parser, Debug)]
@@ -86,6 +88,19 @@ struct Args {
     /// serving a generative model).
     #[arg(long)]
     embeddings: bool,
+    /// Serve vLLM's gRPC engine API (`vllm.grpc.engine.VllmEngine`) instead of the OpenAI
+    /// HTTP API; prints `mock-vllm NAME listening on grpc://HOST:PORT`.
+    #[arg(long)]
+    grpc: bool,
+    /// gRPC mode: the tokenizer directory GetTokenizer zips.
+    #[arg(long)]
+    tokenizer_dir: Option<std::path::PathBuf>,
+    /// gRPC mode: vocabulary size (ids at or above it are refused).
+    #[arg(long, default_value_t = 1024)]
+    vocab_size: u32,
+    /// gRPC mode: the EOS token id.
+    #[arg(long, default_value_t = 2)]
+    eos_token_id: u32,
 }
 
 fn ms(v: f64) -> Duration {
@@ -93,6 +108,21 @@ fn ms(v: f64) -> Duration {
 }
 
 impl Args {
+    fn grpc_config(&self, name: String) -> GrpcConfig {
+        GrpcConfig {
+            name,
+            served_model_name: self.model.clone(),
+            max_context_length: self.max_model_len as u32,
+            vocab_size: self.vocab_size,
+            eos_token_id: self.eos_token_id,
+            tokens: self.tokens,
+            first_token_delay: ms(self.ttft_ms),
+            inter_token_delay: ms(self.itl_ms),
+            max_num_seqs: self.max_num_seqs,
+            tokenizer_dir: self.tokenizer_dir.clone(),
+        }
+    }
+
     fn config(&self, name: String) -> MockConfig {
         MockConfig {
             name,
@@ -156,6 +186,16 @@ fn main() {
             let bound = listener
                 .local_addr()
                 .expect("bound listener has an address");
+            if args.grpc {
+                let state = GrpcState::new(args.grpc_config(name.clone()));
+                println!("mock-vllm {name} listening on grpc://{bound}");
+                let _ = std::io::stdout().flush();
+                servers.push(tokio::spawn(async move {
+                    mock_vllm::grpc::serve(listener, state).await;
+                    Ok(())
+                }));
+                continue;
+            }
             let state = MockState::new(args.config(name.clone()));
             println!("mock-vllm {name} listening on http://{bound}");
             let _ = std::io::stdout().flush();

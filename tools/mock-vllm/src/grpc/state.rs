@@ -1,0 +1,118 @@
+//! The mock engine's shared state: its configuration, the failure knobs tests flip at run
+//! time, and what it saw (Generate requests, cancelled streams, aborted ids, calls per
+//! method), read by tests through [`GrpcState::stats`].
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+
+use super::GrpcConfig;
+
+/// How Generate fails, when a test asks it to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// Answer every Generate with this gRPC status (trailers-only), e.g. 14 UNAVAILABLE or
+    /// 3 INVALID_ARGUMENT.
+    Status { code: u32, message: String },
+    /// Streams: after `after` tokens of choice 0, reset the HTTP/2 stream (INTERNAL_ERROR).
+    ResetAfter { after: usize },
+    /// Streams: after `after` tokens of choice 0, end with this status in the trailers.
+    StatusAfter {
+        after: usize,
+        code: u32,
+        message: String,
+    },
+    /// Streams: after `after` tokens, send nothing more (until the client cancels).
+    HangAfter { after: usize },
+}
+
+/// One Generate call as the engine received it.
+#[derive(Clone, Debug)]
+pub struct SeenRequest {
+    pub request_id: String,
+    pub input_ids: Vec<u32>,
+    pub stream: bool,
+    pub max_tokens: Option<u32>,
+    pub n: u32,
+}
+
+/// What the engine saw so far.
+#[derive(Clone, Debug, Default)]
+pub struct GrpcStats {
+    /// Generate calls received (refused ones included).
+    pub generate_calls: usize,
+    /// Generate calls finished with status OK.
+    pub generate_ok: usize,
+    /// Generate streams the client reset (RST_STREAM) before they ended.
+    pub cancelled: usize,
+    /// Request ids named by Abort calls, in arrival order.
+    pub aborted: Vec<String>,
+    pub health_checks: usize,
+    pub model_info_calls: usize,
+    pub loads_calls: usize,
+    pub tokenizer_calls: usize,
+    /// Generate calls running now.
+    pub running: usize,
+    /// Every Generate request, oldest first.
+    pub requests: Vec<SeenRequest>,
+}
+
+pub struct GrpcState {
+    pub config: GrpcConfig,
+    healthy: AtomicBool,
+    failure: Mutex<Option<Failure>>,
+    pub(super) running: AtomicUsize,
+    stats: Mutex<GrpcStats>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl GrpcState {
+    pub fn new(config: GrpcConfig) -> Arc<GrpcState> {
+        Arc::new(GrpcState {
+            config,
+            healthy: AtomicBool::new(true),
+            failure: Mutex::new(None),
+            running: AtomicUsize::new(0),
+            stats: Mutex::new(GrpcStats::default()),
+            shutdown: watch::channel(false).0,
+        })
+    }
+
+    /// What HealthCheck answers from now on.
+    pub fn set_healthy(&self, healthy: bool) {
+        self.healthy.store(healthy, Relaxed);
+    }
+
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Relaxed)
+    }
+
+    /// How Generate fails from now on (None: it does not).
+    pub fn set_failure(&self, failure: Option<Failure>) {
+        *self.failure.lock().unwrap() = failure;
+    }
+
+    pub fn failure(&self) -> Option<Failure> {
+        self.failure.lock().unwrap().clone()
+    }
+
+    pub fn stats(&self) -> GrpcStats {
+        let mut s = self.stats.lock().unwrap().clone();
+        s.running = self.running.load(Relaxed);
+        s
+    }
+
+    pub(super) fn record(&self, f: impl FnOnce(&mut GrpcStats)) {
+        f(&mut self.stats.lock().unwrap())
+    }
+
+    /// Stops the server: no more connections, and the open ones are closed.
+    pub fn shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    pub(super) fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+}
