@@ -133,8 +133,18 @@ pub async fn generate(req: GenerateRequest, mut respond: SendResponse<Bytes>, st
     }
     let steps = choices.iter().map(|c| c.ids.len()).max().unwrap_or(0);
     for step in 0..steps {
+        // A failure comes when the next token would have.
+        if step > 0 {
+            if let Wait::Gone = wait(&mut send, state, cfg.inter_token_delay).await {
+                state.record(|s| s.cancelled += 1);
+                return;
+            }
+        }
         match &failure {
             Some(Failure::ResetAfter { after }) if *after == step => {
+                // A reset drops DATA still queued on the stream: let the connection task
+                // write the tokens sent so far first.
+                let _ = wait(&mut send, state, Duration::from_millis(20)).await;
                 send.send_reset(h2::Reason::INTERNAL_ERROR);
                 return;
             }
@@ -153,12 +163,6 @@ pub async fn generate(req: GenerateRequest, mut respond: SendResponse<Bytes>, st
                 return;
             }
             _ => {}
-        }
-        if step > 0 {
-            if let Wait::Gone = wait(&mut send, state, cfg.inter_token_delay).await {
-                state.record(|s| s.cancelled += 1);
-                return;
-            }
         }
         for (i, c) in choices.iter().enumerate() {
             let Some(&id) = c.ids.get(step) else {
