@@ -1,0 +1,568 @@
+//! gRPC workers (`grpc://`) as a client sees them: the real router binary in front of mock
+//! vLLM gRPC engines (`mock_vllm::grpc`, in-process h2 servers on 127.0.0.1) serves
+//! completions and chat, streamed or not, rendered from the engine's token ids by the tiny
+//! Llama tokenizer; retries what the engine did not take; relays refusals as OpenAI errors;
+//! ends failed streams with an error event; cancels and aborts when the client leaves; and
+//! routes around an engine that says it is unhealthy. The engine's own record
+//! (`GrpcMock::stats`) says what it saw.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use common::*;
+use mock_vllm::grpc::{expected_text, Failure, GrpcConfig, GrpcMock};
+use serde_json::Value;
+
+const TINY_LLAMA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/frontend/testdata/tiny-llama");
+
+fn engine(f: impl FnOnce(&mut GrpcConfig)) -> GrpcMock {
+    let mut c = GrpcConfig {
+        tokenizer_dir: Some(TINY_LLAMA.into()),
+        ..GrpcConfig::default()
+    };
+    f(&mut c);
+    GrpcMock::spawn(c).unwrap()
+}
+
+/// The router in front of `urls`, the tokenizer read from the tiny Llama directory.
+fn router(urls: &[String], extra: &[&str]) -> Router {
+    let mut args: Vec<&str> = vec!["--worker-urls"];
+    args.extend(urls.iter().map(String::as_str));
+    args.extend(["--model-path", TINY_LLAMA]);
+    args.extend(extra);
+    Router::start(&args)
+}
+
+fn post(r: &Router, path: &str, body: &str) -> Response {
+    exchange(r.addr, &post_json(path, body))
+}
+
+/// The JSON events of an SSE body; asserts it ends with `[DONE]`.
+fn events(r: &Response) -> Vec<Value> {
+    let text = r.text();
+    let datas: Vec<&str> = text
+        .split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| e.strip_prefix("data: ").unwrap_or_else(|| panic!("{e:?}")))
+        .collect();
+    assert_eq!(datas.last(), Some(&"[DONE]"), "{text}");
+    datas[..datas.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap_or_else(|e| panic!("{e}: {d}")))
+        .collect()
+}
+
+/// Polls `f` every 10 ms for up to `within`.
+fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    f()
+}
+
+fn worker_health(r: &Router, url: &str) -> String {
+    let v = exchange(r.addr, &get("/workers")).json();
+    let w = v["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["url"] == url)
+        .unwrap_or_else(|| panic!("{url} not in {v}"));
+    w["health"].as_str().unwrap().to_string()
+}
+
+fn prompt_tokens(v: &Value) -> usize {
+    v["usage"]["prompt_tokens"].as_u64().unwrap() as usize
+}
+
+// ---- generation -----------------------------------------------------------------------
+
+#[test]
+fn a_completion_is_the_engines_ids_decoded() {
+    let e = engine(|_| {});
+    let r = router(&[e.url()], &[]);
+    let resp = post(
+        &r,
+        "/v1/completions",
+        r#"{"model":"mock-model","prompt":"Hello world","max_tokens":5}"#,
+    );
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let v = resp.json();
+    let p = prompt_tokens(&v);
+    let seen = e.stats().requests;
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].input_ids.len(), p);
+    assert!(!seen[0].stream);
+    assert_eq!(seen[0].max_tokens, Some(5));
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["model"], "mock-model");
+    assert_eq!(v["choices"][0]["text"], expected_text(p, 0, 5));
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["completion_tokens"], 5);
+    assert_eq!(v["usage"]["total_tokens"], p as u64 + 5);
+
+    // Without max_tokens the engine ends with EOS: finish "stop", EOS counted, not shown.
+    let v = post(
+        &r,
+        "/v1/completions",
+        r#"{"model":"mock-model","prompt":"Hello world"}"#,
+    )
+    .json();
+    assert_eq!(v["choices"][0]["text"], expected_text(p, 0, 16));
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(v["choices"][0]["stop_reason"], Value::Null);
+    assert_eq!(v["usage"]["completion_tokens"], 17);
+}
+
+#[test]
+fn a_streamed_completion_is_one_event_per_token_then_done() {
+    let e = engine(|c| c.inter_token_delay = Duration::from_millis(2));
+    let r = router(&[e.url()], &[]);
+    let resp = post(
+        &r,
+        "/v1/completions",
+        r#"{"model":"mock-model","prompt":"Hello world","max_tokens":6,"stream":true,
+            "stream_options":{"include_usage":true}}"#,
+    );
+    assert_eq!(resp.status, 200);
+    assert_eq!(
+        resp.header("content-type"),
+        Some("text/event-stream; charset=utf-8")
+    );
+    let ev = events(&resp);
+    let usage = ev.last().unwrap();
+    assert_eq!(usage["choices"].as_array().unwrap().len(), 0, "{usage}");
+    let p = prompt_tokens(usage);
+    assert_eq!(usage["usage"]["completion_tokens"], 6);
+    let text: String = ev
+        .iter()
+        .filter_map(|e| e["choices"][0]["text"].as_str())
+        .collect();
+    assert_eq!(text, expected_text(p, 0, 6));
+    let finishes: Vec<&Value> = ev
+        .iter()
+        .map(|e| &e["choices"][0]["finish_reason"])
+        .filter(|f| !f.is_null())
+        .collect();
+    assert_eq!(finishes, vec!["length"]);
+    assert!(e.stats().requests[0].stream);
+    assert_eq!(e.stats().generate_ok, 1);
+}
+
+#[test]
+fn chat_streamed_and_not() {
+    let e = engine(|c| c.tokens = 3);
+    let r = router(&[e.url()], &[]);
+    let chat = r#"{"model":"mock-model","messages":[{"role":"user","content":"Hi there"}]"#;
+    let v = post(&r, "/v1/chat/completions", &format!("{chat}}}")).json();
+    let p = prompt_tokens(&v);
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        expected_text(p, 0, 3)
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(v["usage"]["completion_tokens"], 4, "3 tokens and EOS");
+
+    let resp = post(
+        &r,
+        "/v1/chat/completions",
+        &format!(r#"{chat},"stream":true,"max_tokens":2}}"#),
+    );
+    let ev = events(&resp);
+    assert_eq!(ev[0]["choices"][0]["delta"]["role"], "assistant");
+    let content: String = ev
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(content, expected_text(p, 0, 2));
+    assert_eq!(
+        ev.last().unwrap()["choices"][0]["finish_reason"],
+        "length",
+        "{ev:?}"
+    );
+    // Every Generate of a chat carries the same prompt.
+    let seen = e.stats().requests;
+    assert_eq!(seen[0].input_ids, seen[1].input_ids);
+    assert!(seen[0].request_id.starts_with("chatcmpl-"), "{seen:?}");
+}
+
+#[test]
+fn a_prompt_list_is_one_generate_per_prompt_with_n_choices_each() {
+    let e = engine(|_| {});
+    let r = router(&[e.url()], &[]);
+    let v = post(
+        &r,
+        "/v1/completions",
+        r#"{"model":"mock-model","prompt":["one","one two three four five"],"max_tokens":3,
+            "n":2,"temperature":1.0}"#,
+    )
+    .json();
+    let seen = e.stats().requests;
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(seen.iter().all(|s| s.n == 2));
+    assert!(seen[0].request_id.ends_with("-0") && seen[1].request_id.ends_with("-1"));
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 4, "{v}");
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        let (prompt, choice) = (i / 2, i % 2);
+        assert_eq!(
+            c["text"],
+            expected_text(seen[prompt].input_ids.len(), choice, 3),
+            "{v}"
+        );
+    }
+    let p: usize = seen.iter().map(|s| s.input_ids.len()).sum();
+    assert_eq!(prompt_tokens(&v), p);
+    assert_eq!(v["usage"]["completion_tokens"], 12);
+
+    // Streamed, the four choices interleave and each ends once.
+    let resp = post(
+        &r,
+        "/v1/completions",
+        r#"{"model":"mock-model","prompt":["one","one two three four five"],"max_tokens":3,
+            "n":2,"temperature":1.0,"stream":true}"#,
+    );
+    let ev = events(&resp);
+    let seen = &e.stats().requests[2..];
+    for i in 0..4 {
+        let text: String = ev
+            .iter()
+            .flat_map(|e| e["choices"].as_array().unwrap())
+            .filter(|c| c["index"] == i)
+            .filter_map(|c| c["text"].as_str())
+            .collect();
+        assert_eq!(text, expected_text(seen[i / 2].input_ids.len(), i % 2, 3));
+    }
+}
+
+#[test]
+fn without_a_model_path_the_tokenizer_comes_from_get_tokenizer() {
+    let e = engine(|c| c.served_model_name = "tiny".into());
+    let r = Router::start(&["--worker-urls", &e.url()]);
+    assert_eq!(e.stats().tokenizer_calls, 1);
+    assert!(e.stats().model_info_calls >= 1);
+    let resp = post(
+        &r,
+        "/v1/completions",
+        r#"{"model":"tiny","prompt":"Hello world","max_tokens":4}"#,
+    );
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let v = resp.json();
+    assert_eq!(v["model"], "tiny");
+    assert_eq!(
+        v["choices"][0]["text"],
+        expected_text(prompt_tokens(&v), 0, 4)
+    );
+    // The served name is GetModelInfo's: another is vLLM's 404.
+    let resp = post(
+        &r,
+        "/v1/completions",
+        r#"{"model":"mock-model","prompt":"x","max_tokens":1}"#,
+    );
+    assert_eq!(resp.status, 404, "{}", resp.text());
+}
+
+// ---- failures -------------------------------------------------------------------------
+
+const COMPLETION: &str = r#"{"model":"mock-model","prompt":"Hello world","max_tokens":3}"#;
+
+#[test]
+fn an_engine_refusing_connections_is_retried_on_another() {
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("grpc://{}", l.local_addr().unwrap())
+    };
+    let e = engine(|_| {});
+    let r = router(&[dead, e.url()], &["--policy", "round_robin"]);
+    for _ in 0..6 {
+        let resp = post(&r, "/v1/completions", COMPLETION);
+        assert_eq!(resp.status, 200, "{}", resp.text());
+    }
+    assert_eq!(e.stats().generate_ok, 6);
+}
+
+#[test]
+fn unavailable_before_the_first_token_is_retried_on_another_engine() {
+    let (a, b) = (engine(|_| {}), engine(|_| {}));
+    a.state().set_failure(Some(Failure::Status {
+        code: 14,
+        message: "engine is draining".into(),
+    }));
+    let r = router(&[a.url(), b.url()], &["--policy", "round_robin"]);
+    for stream in [false, true, false, true] {
+        let body = format!(
+            r#"{{"model":"mock-model","prompt":"Hello world","max_tokens":3,"stream":{stream}}}"#
+        );
+        let resp = post(&r, "/v1/completions", &body);
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        if stream {
+            events(&resp);
+        }
+    }
+    assert!(a.stats().generate_calls >= 1, "a was never tried");
+    assert_eq!(a.stats().generate_ok, 0);
+    assert_eq!(b.stats().generate_ok, 4);
+}
+
+#[test]
+fn invalid_argument_is_a_400_carrying_the_engines_message() {
+    let e = engine(|_| {});
+    let r = router(&[e.url()], &[]);
+    // A prompt of token ids the engine's vocabulary does not have.
+    let resp = post(
+        &r,
+        "/v1/completions",
+        r#"{"model":"mock-model","prompt":[5,5000],"max_tokens":3}"#,
+    );
+    assert_eq!(resp.status, 400, "{}", resp.text());
+    let msg = resp.error_message();
+    assert!(msg.contains("Token id 5000 is out of vocabulary"), "{msg}");
+
+    e.state().set_failure(Some(Failure::Status {
+        code: 3,
+        message: "temperature: bad value \u{e9}%".into(),
+    }));
+    for stream in [false, true] {
+        let body = format!(
+            r#"{{"model":"mock-model","prompt":"Hello world","max_tokens":3,"stream":{stream}}}"#
+        );
+        let resp = post(&r, "/v1/completions", &body);
+        assert_eq!(resp.status, 400, "{}", resp.text());
+        assert_eq!(resp.error_message(), "temperature: bad value \u{e9}%");
+    }
+    // Not retried elsewhere: the one engine saw each request once.
+    assert_eq!(e.stats().generate_calls, 3);
+}
+
+/// A streamed completion whose stream the engine breaks after 2 tokens ends with an error
+/// event and [DONE], promptly.
+fn assert_stream_ends_with_error(failure: Failure) {
+    let e = engine(|c| c.inter_token_delay = Duration::from_millis(5));
+    e.state().set_failure(Some(failure));
+    let r = router(&[e.url()], &[]);
+    let start = Instant::now();
+    let resp = post(
+        &r,
+        "/v1/completions",
+        r#"{"model":"mock-model","prompt":"Hello world","max_tokens":10,"stream":true}"#,
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(resp.status, 200);
+    let ev = events(&resp);
+    let texts: Vec<&str> = ev
+        .iter()
+        .filter_map(|e| e["choices"][0]["text"].as_str())
+        .filter(|t| !t.is_empty())
+        .collect();
+    assert_eq!(texts.len(), 2, "{ev:?}");
+    let last = ev.last().unwrap();
+    assert!(last["error"]["message"].is_string(), "{last}");
+    // The connection is still usable.
+    assert_eq!(post(&r, "/v1/completions", COMPLETION).status, 200);
+}
+
+#[test]
+fn a_status_mid_stream_ends_the_sse_stream_with_an_error_event() {
+    assert_stream_ends_with_error(Failure::StatusAfter {
+        after: 2,
+        code: 13,
+        message: "engine core died".into(),
+    });
+}
+
+#[test]
+fn a_reset_mid_stream_ends_the_sse_stream_with_an_error_event() {
+    assert_stream_ends_with_error(Failure::ResetAfter { after: 2 });
+}
+
+#[test]
+fn a_client_leaving_mid_stream_cancels_the_call_and_aborts_the_request() {
+    let e = engine(|c| {
+        c.tokens = 1000;
+        c.inter_token_delay = Duration::from_millis(20);
+    });
+    let r = router(&[e.url()], &[]);
+    let mut s = r.connect();
+    s.write_all(&post_json(
+        "/v1/completions",
+        r#"{"model":"mock-model","prompt":"Hello world","stream":true}"#,
+    ))
+    .unwrap();
+    let mut got = Vec::new();
+    let mut b = [0u8; 4096];
+    while got.windows(6).filter(|w| w == b"data: ").count() < 3 {
+        let n = s.read(&mut b).unwrap();
+        assert!(n > 0, "closed early");
+        got.extend_from_slice(&b[..n]);
+    }
+    assert_eq!(e.stats().running, 1);
+    drop(s);
+    let left = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(1), || e.stats().cancelled == 1),
+        "{:?}",
+        e.stats()
+    );
+    let id = e.stats().requests[0].request_id.clone();
+    assert!(
+        eventually(Duration::from_secs(1), || e.stats().aborted.contains(&id)),
+        "no Abort for {id}: {:?}",
+        e.stats()
+    );
+    eprintln!(
+        "cancel and abort seen {:?} after the client left",
+        left.elapsed()
+    );
+    assert_eq!(e.stats().running, 0);
+    assert_eq!(e.stats().generate_ok, 0);
+}
+
+#[test]
+fn a_client_leaving_before_a_non_streamed_answer_cancels_and_aborts_too() {
+    let e = engine(|c| c.first_token_delay = Duration::from_secs(5));
+    let r = router(&[e.url()], &[]);
+    let mut s = r.connect();
+    s.write_all(&post_json("/v1/completions", COMPLETION))
+        .unwrap();
+    assert!(eventually(Duration::from_secs(2), || e.stats().running == 1));
+    drop(s);
+    let id = e.stats().requests[0].request_id.clone();
+    assert!(
+        eventually(Duration::from_secs(1), || {
+            let st = e.stats();
+            st.cancelled == 1 && st.aborted.contains(&id)
+        }),
+        "{:?}",
+        e.stats()
+    );
+}
+
+#[test]
+fn an_engine_silent_mid_stream_is_cut_by_the_idle_timeout() {
+    let e = engine(|_| {});
+    e.state().set_failure(Some(Failure::HangAfter { after: 2 }));
+    let r = router(&[e.url()], &["--stream-idle-timeout-secs", "1"]);
+    let start = Instant::now();
+    let resp = post(
+        &r,
+        "/v1/completions",
+        r#"{"model":"mock-model","prompt":"Hello world","max_tokens":10,"stream":true}"#,
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    let ev = events(&resp);
+    assert!(ev.last().unwrap()["error"]["message"].is_string(), "{ev:?}");
+    let id = e.stats().requests[0].request_id.clone();
+    assert!(
+        eventually(Duration::from_secs(1), || {
+            let st = e.stats();
+            st.cancelled == 1 && st.aborted.contains(&id)
+        }),
+        "{:?}",
+        e.stats()
+    );
+}
+
+#[test]
+fn loads_are_polled_with_get_loads() {
+    let e = engine(|_| {});
+    let _r = router(&[e.url()], &["--load-scrape-interval-ms", "100"]);
+    assert!(
+        eventually(Duration::from_secs(3), || e.stats().loads_calls >= 2),
+        "{:?}",
+        e.stats()
+    );
+}
+
+// ---- fleet ----------------------------------------------------------------------------
+
+#[test]
+fn an_engine_reporting_unhealthy_is_not_routed_to() {
+    let (a, b) = (engine(|_| {}), engine(|_| {}));
+    let r = router(
+        &[a.url(), b.url()],
+        &[
+            "--policy",
+            "round_robin",
+            "--health-check-interval-secs",
+            "1",
+            "--health-failure-threshold",
+            "1",
+            "--health-success-threshold",
+            "1",
+        ],
+    );
+    assert!(eventually(Duration::from_secs(5), || worker_health(
+        &r,
+        &a.url()
+    ) == "healthy"));
+    a.state().set_healthy(false);
+    assert!(
+        eventually(Duration::from_secs(5), || worker_health(&r, &a.url())
+            == "unhealthy"),
+        "{}",
+        r.log()
+    );
+    assert!(a.stats().health_checks >= 2);
+    let before = a.stats().generate_calls;
+    for _ in 0..10 {
+        assert_eq!(post(&r, "/v1/completions", COMPLETION).status, 200);
+    }
+    assert_eq!(
+        a.stats().generate_calls,
+        before,
+        "an unhealthy engine got requests"
+    );
+
+    a.state().set_healthy(true);
+    assert!(eventually(Duration::from_secs(5), || worker_health(
+        &r,
+        &a.url()
+    ) == "healthy"));
+    for _ in 0..10 {
+        assert_eq!(post(&r, "/v1/completions", COMPLETION).status, 200);
+    }
+    assert!(a.stats().generate_calls > before);
+}
+
+#[test]
+fn a_mixed_fleet_of_http_and_grpc_workers_serves_both() {
+    let e = engine(|_| {});
+    let m = mocks(1, |c| c.record = true);
+    let r = router(&[m[0].url(), e.url()], &["--policy", "round_robin"]);
+    for i in 0..10 {
+        let stream = i % 2 == 0;
+        let body = format!(
+            r#"{{"model":"mock-model","prompt":"Hello world","max_tokens":3,"stream":{stream}}}"#
+        );
+        let resp = post(&r, "/v1/completions", &body);
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        if stream {
+            events(&resp);
+        }
+    }
+    let http = m[0]
+        .received()
+        .iter()
+        .filter(|r| r.path == "/v1/completions")
+        .count();
+    let grpc = e.stats().generate_ok;
+    assert_eq!(http + grpc, 10);
+    assert!(http > 0 && grpc > 0, "http {http}, grpc {grpc}");
+}
