@@ -271,6 +271,37 @@ fn without_a_model_path_the_tokenizer_comes_from_get_tokenizer() {
     assert_eq!(resp.status, 404, "{}", resp.text());
 }
 
+#[test]
+fn v1_models_is_answered_with_the_served_model() {
+    let e = engine(|c| {
+        c.served_model_name = "tiny".into();
+        c.max_context_length = 1000;
+    });
+    // In a mixed fleet too, whichever worker the request is routed to.
+    let m = mocks(1, |c| c.model = "tiny".into());
+    let r = router(&[e.url(), m[0].url()], &["--policy", "round_robin"]);
+    for _ in 0..4 {
+        let resp = exchange(r.addr, &get("/v1/models"));
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        let v = resp.json();
+        assert_eq!(v["object"], "list");
+        assert_eq!(v["data"][0]["id"], "tiny", "{v}");
+        assert_eq!(v["data"][0]["object"], "model");
+        assert_eq!(v["data"][0]["owned_by"], "vllm");
+    }
+    let v = exchange(r.addr, &get("/v1/models")).json();
+    let ours = if v["data"][0]["max_model_len"] == 1000 {
+        v
+    } else {
+        exchange(r.addr, &get("/v1/models")).json()
+    };
+    assert_eq!(ours["data"][0]["max_model_len"], 1000, "{ours}");
+    assert_eq!(
+        ours["data"][0]["permission"][0]["object"],
+        "model_permission"
+    );
+}
+
 // ---- failures -------------------------------------------------------------------------
 
 const COMPLETION: &str = r#"{"model":"mock-model","prompt":"Hello world","max_tokens":3}"#;

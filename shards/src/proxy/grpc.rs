@@ -162,6 +162,9 @@ pub(super) async fn attempt<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     w: &Arc<Worker>,
     prepared: &mut Option<Box<Prepared>>,
 ) -> GrpcAttempt {
+    if let Some(next) = answer_models(shard, wr, b).await {
+        return done(next, false);
+    }
     if prepared.is_none() {
         if let Err(e) = endpoint(b) {
             return GrpcAttempt::NotServed(e);
@@ -482,6 +485,52 @@ async fn fail_with(
         },
         false,
     )
+}
+
+/// `GET /v1/models`, which the engine has no RPC for: the router, its OpenAI front end,
+/// answers it from the model it loaded, in vLLM's shape (`root` is the served name: the
+/// engine's model path is not kept). `None` for any other request.
+async fn answer_models(shard: &Shard, wr: &mut ClientWr, b: &mut Buffers) -> Option<Next> {
+    let model = &shard.cfg.model.as_ref()?.ctx;
+    let s = b.start;
+    let path = &b.inbuf[s + b.head.path.start..s + b.head.path.end];
+    let path = path.split(|&c| c == b'?').next().unwrap_or(path);
+    let method = b.head.method();
+    if path != b"/v1/models" || !matches!(method, Method::Get | Method::Head) {
+        return None;
+    }
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let name = sonic_rs::to_string(&model.served_model_name).unwrap_or_default();
+    let body = format!(
+        "{{\"object\":\"list\",\"data\":[{{\"id\":{name},\"object\":\"model\",\"created\":{created},\
+         \"owned_by\":\"vllm\",\"root\":{name},\"parent\":null,\"max_model_len\":{},\
+         \"permission\":[{{\"id\":\"modelperm-{:032x}\",\"object\":\"model_permission\",\
+         \"created\":{created},\"allow_create_engine\":false,\"allow_sampling\":true,\
+         \"allow_logprobs\":true,\"allow_search_indices\":false,\"allow_view\":true,\
+         \"allow_fine_tuning\":false,\"organization\":\"*\",\"group\":null,\"is_blocking\":false}}]}}]}}",
+        model.max_model_len,
+        fastrand::u128(..),
+    );
+    let close = !b.head.keep_alive;
+    b.rec.status = 200;
+    b.rec.router_error = false;
+    b.out.clear();
+    crate::http::response::write_simple(
+        &mut b.out,
+        200,
+        "application/json",
+        body.as_bytes(),
+        Some(&b.rid),
+        close,
+        method == Method::Head,
+    );
+    Some(if super::flush_out(wr, b).await && !close {
+        Next::KeepAlive
+    } else {
+        Next::Close
+    })
 }
 
 #[cfg(test)]
