@@ -247,7 +247,6 @@ fn a_prompt_list_is_one_generate_per_prompt_with_n_choices_each() {
 /// vLLM streams a prompt list's choices as they are generated (its generators are merged),
 /// so a later prompt's first tokens do not wait for an earlier prompt's last.
 #[test]
-#[ignore = "router bug, not fixed here: proxy/grpc.rs relay() reads the prompts' calls one after another"]
 fn a_streamed_prompt_list_interleaves_its_prompts() {
     let e = engine(|c| {
         c.tokens = 10;

@@ -281,6 +281,33 @@ fn abort(send: &SendRequest<Bytes>, w: &Worker, requests: &[GenerateRequest]) {
     });
 }
 
+/// The next message of whichever open call has one first, and that call's index.
+/// (`Call::next` is cancel-safe: the calls that lose keep their state.)
+async fn next_of_any(
+    calls: &mut [Call],
+    open: &[bool],
+) -> (usize, Result<Option<GenerateResponse>, GrpcError>) {
+    if open.iter().filter(|&&o| o).count() == 1 {
+        let i = open.iter().position(|&o| o).expect("one is open");
+        return (i, calls[i].next::<GenerateResponse>().await);
+    }
+    let mut next: Vec<_> = calls
+        .iter_mut()
+        .enumerate()
+        .filter(|(i, _)| open[*i])
+        .map(|(i, c)| Box::pin(async move { (i, c.next::<GenerateResponse>().await) }))
+        .collect();
+    std::future::poll_fn(|cx| {
+        for f in next.iter_mut() {
+            if let std::task::Poll::Ready(r) = f.as_mut().poll(cx) {
+                return std::task::Poll::Ready(r);
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
 /// Writes `events` to the client as one chunk of a chunked body.
 fn frame_chunk(out: &mut Vec<u8>, events: &[u8]) {
     if events.is_empty() {
@@ -316,8 +343,10 @@ async fn relay<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     b.rec.router_error = false;
     shard.metrics.worker(w.slot, WorkerCount::Processed).inc();
     let mut events: Vec<u8> = Vec::with_capacity(512);
-    let mut pending = first;
-    let mut index = 0;
+    // The prompts' calls are read together, as vLLM merges its generators: a later
+    // prompt's tokens do not wait for an earlier prompt's end.
+    let mut pending = Some((0, first));
+    let mut open = vec![true; calls.len()];
     if stream {
         b.rec.status = 200;
         b.out.clear();
@@ -335,12 +364,15 @@ async fn relay<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     let mut head_sent = false;
     loop {
         // Everything the engine has sent for this request so far.
-        let msg = match pending.take() {
-            Some(m) => Some(m),
+        let (index, msg) = match pending.take() {
+            Some(m) => m,
             None => {
-                match watch.guard(calls[index].next::<GenerateResponse>()).await {
-                    Ok(Ok(m)) => m,
-                    Ok(Err(e)) => {
+                if !open.contains(&true) {
+                    break;
+                }
+                match watch.guard(next_of_any(&mut calls, &open)).await {
+                    Ok((i, Ok(m))) => (i, m),
+                    Ok((_, Err(e))) => {
                         abort(send, w, &p.requests);
                         if let GrpcError::Transport(_) = e {
                             shard.grpc.forget(w.slot);
@@ -370,12 +402,9 @@ async fn relay<W: Future<Output = BufResult<usize, Vec<u8>>>>(
         };
         watch.progress += 1;
         let Some(msg) = msg else {
-            // This prompt's call ended; the next prompt's, or the end.
-            index += 1;
-            if index < calls.len() {
-                continue;
-            }
-            break;
+            // This prompt's call ended.
+            open[index] = false;
+            continue;
         };
         events.clear();
         if let Err(e) = responder.on_response(index, &msg, &mut events) {
