@@ -102,6 +102,8 @@ fn a_completion_is_the_engines_ids_decoded() {
     assert_eq!(seen[0].max_tokens, Some(5));
     assert_eq!(v["object"], "text_completion");
     assert_eq!(v["model"], "mock-model");
+    // The router asked the engine for its block size at start (GetServerInfo).
+    assert!(e.stats().server_info_calls >= 1, "{:?}", e.stats());
     assert_eq!(v["choices"][0]["text"], expected_text(p, 0, 5));
     assert_eq!(v["choices"][0]["finish_reason"], "length");
     assert_eq!(v["usage"]["completion_tokens"], 5);

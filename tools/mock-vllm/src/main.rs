@@ -120,6 +120,7 @@ impl Args {
             inter_token_delay: ms(self.itl_ms),
             max_num_seqs: self.max_num_seqs,
             tokenizer_dir: self.tokenizer_dir.clone(),
+            ..GrpcConfig::default()
         }
     }
 

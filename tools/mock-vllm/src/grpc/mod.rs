@@ -1,7 +1,7 @@
 //! A fake vLLM gRPC engine (`vllm.grpc.engine.VllmEngine`, as vLLM's `smg_grpc_servicer`
-//! serves it) for the router's gRPC workers: Generate, HealthCheck, GetModelInfo, GetLoads,
-//! GetTokenizer and Abort over plain HTTP/2 (the `h2` server, no tonic), with prost messages
-//! from `grpc-proto`.
+//! serves it) for the router's gRPC workers: Generate, HealthCheck, GetModelInfo,
+//! GetServerInfo, GetLoads, GetTokenizer and Abort over plain HTTP/2 (the `h2` server, no
+//! tonic), with prost messages from `grpc-proto`.
 //!
 //! Generated ids are deterministic: choice `i` of a prompt of `p` tokens cycles through
 //! [`WORDS`] starting at `(p + i) % WORDS.len()` (ordinary tokens of the tiny Llama tokenizer
@@ -78,6 +78,10 @@ pub struct GrpcConfig {
     pub inter_token_delay: Duration,
     /// Requests beyond this many running count as waiting in GetLoads.
     pub max_num_seqs: usize,
+    /// `GetServerInfo.block_size`: the KV block size in tokens.
+    pub block_size: u32,
+    /// `GetLoads.version`: the vLLM version.
+    pub version: String,
     /// The directory GetTokenizer zips (its plain files); None: FAILED_PRECONDITION.
     pub tokenizer_dir: Option<PathBuf>,
 }
@@ -94,6 +98,8 @@ impl Default for GrpcConfig {
             first_token_delay: Duration::ZERO,
             inter_token_delay: Duration::ZERO,
             max_num_seqs: 256,
+            block_size: 16,
+            version: "0.32.0".into(),
             tokenizer_dir: None,
         }
     }

@@ -1,6 +1,6 @@
 //! Serving the mock engine: one tokio task per TCP connection running h2's server, one per
 //! call; gRPC's framing (a flag byte, a 4-byte length, the protobuf bytes); the unary
-//! methods (HealthCheck, GetModelInfo, GetLoads, Abort) and GetTokenizer. Generate is in
+//! methods (HealthCheck, GetModelInfo, GetServerInfo, GetLoads, Abort) and GetTokenizer. Generate is in
 //! `generate`. Unknown methods get UNIMPLEMENTED.
 
 use std::sync::atomic::Ordering::Relaxed;
@@ -10,7 +10,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use grpc_proto::common::GetTokenizerChunk;
 use grpc_proto::engine::{
     AbortRequest, AbortResponse, GenerateRequest, GetLoadsResponse, GetModelInfoResponse,
-    HealthCheckResponse, SchedulerLoad,
+    GetServerInfoResponse, HealthCheckResponse, SchedulerLoad,
 };
 use grpc_proto::{path, Message};
 use h2::server::SendResponse;
@@ -113,6 +113,20 @@ async fn call(req: Request<RecvStream>, mut respond: SendResponse<Bytes>, state:
                 },
             );
         }
+        path::GET_SERVER_INFO => {
+            state.record(|s| s.server_info_calls += 1);
+            unary_reply(
+                respond,
+                &GetServerInfoResponse {
+                    active_requests: state.running.load(Relaxed) as u32,
+                    server_type: "vllm-grpc".into(),
+                    data_parallel_size: 1,
+                    block_size: cfg.block_size as i32,
+                    max_num_seqs: cfg.max_num_seqs as i32,
+                    ..Default::default()
+                },
+            );
+        }
         path::GET_LOADS => {
             state.record(|s| s.loads_calls += 1);
             let n = state.running.load(Relaxed);
@@ -121,7 +135,7 @@ async fn call(req: Request<RecvStream>, mut respond: SendResponse<Bytes>, state:
             unary_reply(
                 respond,
                 &GetLoadsResponse {
-                    version: "mock".into(),
+                    version: cfg.version.clone(),
                     dp_rank_count: 1,
                     loads: vec![SchedulerLoad {
                         num_running_reqs: running,

@@ -50,6 +50,7 @@ pub struct GrpcStats {
     pub aborted: Vec<String>,
     pub health_checks: usize,
     pub model_info_calls: usize,
+    pub server_info_calls: usize,
     pub loads_calls: usize,
     pub tokenizer_calls: usize,
     /// Generate calls running now.
