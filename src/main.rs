@@ -167,6 +167,7 @@ fn main() -> ExitCode {
         ctx: std::sync::Arc::new(m.ctx),
         root: m.root,
         block_tokens: m.block_tokens,
+        version: m.version,
     });
     cfg.admin = Some(admin_tx);
     cfg.max_workers = cfg

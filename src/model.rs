@@ -30,6 +30,8 @@ pub struct Loaded {
     pub root: String,
     /// The engines' KV block size in tokens (vLLM's default, 16, when they do not say).
     pub block_tokens: usize,
+    /// The engines' vLLM version, if they said.
+    pub version: Option<String>,
 }
 
 /// vLLM's default KV block size.
@@ -96,8 +98,10 @@ pub fn load(
     };
     // vLLM's `system_fingerprint` is `vllm-<version>-<hash of its engine config>`; the config
     // is not exposed over gRPC, so the hash here is of what the engine does tell.
+    let mut version = None;
     match rt.block_on(engine::version(&url, CALL_TIMEOUT)) {
         Ok(v) if !v.is_empty() => {
+            version = Some(v.clone());
             let config = format!(
                 "{}|{}|{}|{block_tokens}",
                 facts.model_path, max_len, facts.vocab_size
@@ -114,6 +118,7 @@ pub fn load(
         ctx,
         root: facts.model_path,
         block_tokens,
+        version,
     }))
 }
 

@@ -327,6 +327,23 @@ fn v1_models_is_answered_with_the_served_model() {
     );
 }
 
+#[test]
+fn a_grpc_fleet_answers_models_and_version_as_vllm_and_404s_what_engines_do_not_serve() {
+    let e = engine(|c| {
+        c.served_model_name = "tiny".into();
+        c.version = "0.32.0-test".into();
+    });
+    let r = router(&[e.url()], &[]);
+    let v = exchange(r.addr, &get("/v1/models")).json();
+    assert_eq!(v["data"][0]["id"], "tiny", "{v}");
+    let v = exchange(r.addr, &get("/version")).json();
+    assert_eq!(v, serde_json::json!({"version": "0.32.0-test"}));
+    let resp = post(&r, "/v1/embeddings", r#"{"model":"tiny","input":"hi"}"#);
+    assert_eq!(resp.status, 404, "{}", resp.text());
+    assert!(resp.error_message().contains("not served by gRPC workers"));
+    assert_eq!(e.stats().generate_calls, 0);
+}
+
 // ---- failures -------------------------------------------------------------------------
 
 const COMPLETION: &str = r#"{"model":"mock-model","prompt":"Hello world","max_tokens":3}"#;
@@ -380,10 +397,9 @@ fn when_every_engine_is_unavailable_the_client_gets_a_json_error_naming_it() {
     }
     let r = router(&[a.url(), b.url()], &[]);
     let resp = post(&r, "/v1/completions", COMPLETION);
-    // The router ends its retries with 502 "no worker could take the request (N attempts):
-    // <last error>", as for HTTP workers it cannot connect to; an HTTP worker's own 5xx is
-    // relayed instead, so 503 (UNAVAILABLE's status) would be as fair.
-    assert!(resp.status == 502 || resp.status == 503, "{}", resp.text());
+    // Every engine said UNAVAILABLE: the client gets its status, 503, once retries are spent
+    // ("no worker could take the request (N attempts): <the engine's message>").
+    assert_eq!(resp.status, 503, "{}", resp.text());
     let msg = resp.error_message();
     assert!(msg.contains("engine is draining"), "{msg}");
     let tried = a.stats().generate_calls + b.stats().generate_calls;
@@ -682,4 +698,133 @@ fn a_mixed_fleet_of_http_and_grpc_workers_serves_both() {
     let grpc = e.stats().generate_ok;
     assert_eq!(http + grpc, 10);
     assert!(http > 0 && grpc > 0, "http {http}, grpc {grpc}");
+}
+
+// ---- P/D over gRPC ----------------------------------------------------------------------
+
+fn pd_router(prefill: &[String], decode: &[String], extra: &[&str]) -> Router {
+    let mut args: Vec<&str> = vec!["--vllm-pd-disaggregation"];
+    for p in prefill {
+        args.extend(["--prefill", p.as_str()]);
+    }
+    for d in decode {
+        args.extend(["--decode", d.as_str()]);
+    }
+    args.extend(["--model-path", TINY_LLAMA]);
+    args.extend(extra);
+    Router::start(&args)
+}
+
+#[test]
+fn pd_is_a_one_token_prefill_then_a_decode_carrying_its_kv_params() {
+    let p = engine(|c| c.name = "prefill".into());
+    let d = engine(|c| c.name = "decode".into());
+    let r = pd_router(&[p.url()], &[d.url()], &[]);
+    for stream in [false, true] {
+        let body = format!(
+            r#"{{"model":"mock-model","messages":[{{"role":"user","content":"Hello"}}],"max_tokens":4,"stream":{stream}}}"#
+        );
+        let resp = post(&r, "/v1/chat/completions", &body);
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        let text: String = if stream {
+            events(&resp)
+                .iter()
+                .filter_map(|e| {
+                    e["choices"][0]["delta"]["content"]
+                        .as_str()
+                        .map(String::from)
+                })
+                .collect()
+        } else {
+            resp.json()["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        let pre = p.stats().requests.last().cloned().unwrap();
+        let dec = d.stats().requests.last().cloned().unwrap();
+        // The prefill leg: one token, not streamed, NIXL's request for a remote decode.
+        assert_eq!(pre.max_tokens, Some(1));
+        assert!(!pre.stream);
+        let kv: Value =
+            serde_json::from_str(pre.kv_transfer_params_json.as_deref().unwrap()).unwrap();
+        assert_eq!(kv["do_remote_decode"], true);
+        // The decode leg: the client's request, with the prefill's answer verbatim.
+        assert_eq!(dec.request_id, pre.request_id);
+        assert_eq!(dec.input_ids, pre.input_ids);
+        assert_eq!(dec.max_tokens, Some(4));
+        assert_eq!(dec.stream, stream);
+        let handed: Value =
+            serde_json::from_str(dec.kv_transfer_params_json.as_deref().unwrap()).unwrap();
+        assert_eq!(handed["remote_engine_id"], "prefill-engine");
+        assert_eq!(handed["do_remote_prefill"], true);
+        assert_eq!(text, expected_text(dec.input_ids.len(), 0, 4));
+    }
+    assert_eq!(p.stats().requests.len(), 2);
+    assert_eq!(d.stats().requests.len(), 2);
+}
+
+#[test]
+fn pd_prefill_unavailable_moves_to_another_prefill_engine_and_refusals_reach_the_client() {
+    let bad = engine(|c| c.name = "bad".into());
+    bad.state().set_failure(Some(Failure::Status {
+        code: 14,
+        message: "draining".into(),
+    }));
+    let good = engine(|c| c.name = "good".into());
+    let d = engine(|_| {});
+    let r = pd_router(
+        &[bad.url(), good.url()],
+        &[d.url()],
+        &["--prefill-policy", "round_robin"],
+    );
+    let body = r#"{"model":"mock-model","prompt":"Hello","max_tokens":2}"#;
+    for _ in 0..2 {
+        let resp = post(&r, "/v1/completions", body);
+        assert_eq!(resp.status, 200, "{}", resp.text());
+    }
+    let handed = d.stats().requests;
+    assert_eq!(handed.len(), 2);
+    assert!(handed.iter().all(|q| q
+        .kv_transfer_params_json
+        .as_deref()
+        .unwrap()
+        .contains("good-engine")));
+
+    // A prefill engine that refuses the request: the client gets its 400, no decode leg.
+    good.state().set_failure(Some(Failure::Status {
+        code: 3,
+        message: "Token id 99999 is out of vocabulary".into(),
+    }));
+    bad.state().set_failure(Some(Failure::Status {
+        code: 3,
+        message: "Token id 99999 is out of vocabulary".into(),
+    }));
+    let resp = post(&r, "/v1/completions", body);
+    assert_eq!(resp.status, 400, "{}", resp.text());
+    assert!(resp.text().contains("out of vocabulary"), "{}", resp.text());
+    assert_eq!(d.stats().requests.len(), 2);
+}
+
+#[test]
+fn pd_prefill_without_kv_params_is_a_502_unless_decode_only_fallback() {
+    // An engine without a KV connector answers the prefill leg without transfer params.
+    let p = engine(|c| c.kv_connector = false);
+    let d = engine(|_| {});
+    let body = r#"{"model":"mock-model","prompt":"Hello","max_tokens":2}"#;
+    let r = pd_router(&[p.url()], &[d.url()], &[]);
+    let resp = post(&r, "/v1/completions", body);
+    assert_eq!(resp.status, 502, "{}", resp.text());
+    assert!(resp.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("without kv_transfer_params"));
+    assert!(d.stats().requests.is_empty());
+    drop(r);
+    let r = pd_router(&[p.url()], &[d.url()], &["--pd-fallback-decode-only"]);
+    let resp = post(&r, "/v1/completions", body);
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let dec = d.stats().requests;
+    assert_eq!(dec.len(), 1);
+    assert_eq!(dec[0].kv_transfer_params_json, None);
 }

@@ -77,6 +77,8 @@ pub struct Model {
     pub root: String,
     /// The engines' KV-cache block size in tokens: cache-aware routing hashes whole blocks.
     pub block_tokens: usize,
+    /// The engines' vLLM version (`GET /version`), if they said.
+    pub version: Option<String>,
 }
 
 impl std::fmt::Debug for Model {

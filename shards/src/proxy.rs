@@ -639,6 +639,17 @@ async fn route_request(
             let model = grpc_model(shard, &set).expect("guarded");
             Some((200, "application/json", model.models_body()))
         }
+        (Method::Get | Method::Head, b"/version")
+            if grpc_model(shard, &set).is_some_and(|m| m.version.is_some()) =>
+        {
+            let v = grpc_model(shard, &set).and_then(|m| m.version.as_deref());
+            let v = serde_json::Value::from(v.unwrap_or_default()).to_string();
+            Some((
+                200,
+                "application/json",
+                format!(r#"{{"version":{v}}}"#).into_bytes(),
+            ))
+        }
         (Method::Get | Method::Head, b"/liveness") => {
             Some((200, "application/json", br#"{"status":"ok"}"#.to_vec()))
         }
@@ -1302,6 +1313,8 @@ async fn exchange<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     b.rec.attempts = 0;
     // A path gRPC workers do not serve, answered so if no HTTP worker serves it either.
     let mut not_served: Option<frontend::openai::OpenAiError> = None;
+    // The status a client gets when every attempt failed (a gRPC engine's UNAVAILABLE: 503).
+    let mut last_status = 502;
     let mut next = next_worker(shard, set, &mut candidates, &mut deferred);
     if next.is_none() && !set.is_empty() {
         // Every breaker open. As Envoy does below its panic threshold, route as if none
@@ -1347,9 +1360,10 @@ async fn exchange<W: Future<Output = BufResult<usize, Vec<u8>>>>(
             ))
             .await
             {
-                grpc::GrpcAttempt::Retry { error } => {
+                grpc::GrpcAttempt::Retry { error, status } => {
                     tracing::debug!(worker = %worker.url, %error, "retrying on another worker");
                     last_error = error;
+                    last_status = status;
                     outcome.failure();
                     backoff = false;
                 }
@@ -1421,6 +1435,7 @@ async fn exchange<W: Future<Output = BufResult<usize, Vec<u8>>>>(
                         }
                         tracing::debug!(worker = %worker.url, %error, "retrying on another worker");
                         last_error = error;
+                        last_status = 502;
                         outcome.failure();
                         backoff = false;
                         break;
@@ -1448,7 +1463,7 @@ async fn exchange<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     } else {
         b.rec.exhausted = true;
         ApiError::new(
-            502,
+            last_status,
             format!("no worker could take the request ({attempts} attempts): {last_error}"),
         )
     };

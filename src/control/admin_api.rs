@@ -198,7 +198,10 @@ fn describe(reg: &Registry, e: &Entry) -> serde_json::Value {
         "last_error": e.last_error,
         "circuit_breaker": reg.breaker_state(&e.worker).name(),
         "load": reg.load(&e.worker),
-        "connection_mode": "Http",
+        "connection_mode": match e.worker.protocol {
+            shards::route::Protocol::Http => "Http",
+            shards::route::Protocol::Grpc => "Grpc",
+        },
         "priority": 50,
         "cost": 1.0,
     })

@@ -60,7 +60,8 @@ pub(super) fn serves(path: &[u8]) -> bool {
 
 pub(super) enum GrpcAttempt {
     /// Nothing reached the client and the worker did not take the request: try another.
-    Retry { error: String },
+    /// `status`: what the client gets if no other worker does (503 for UNAVAILABLE).
+    Retry { error: String, status: u16 },
     /// A path gRPC workers do not serve (an HTTP worker may).
     NotServed(OpenAiError),
     /// Answered (or the client left); whether the worker failed it.
@@ -185,6 +186,7 @@ pub(super) async fn attempt<W: Future<Output = BufResult<usize, Vec<u8>>>>(
             }
             return GrpcAttempt::Retry {
                 error: e.to_string(),
+                status: 502,
             };
         }
         Err(i) => return done(interrupted(wr, b, i, close).await, false),
@@ -212,6 +214,7 @@ pub(super) async fn attempt<W: Future<Output = BufResult<usize, Vec<u8>>>>(
                 abort(&send, w, &p.requests[..calls.len()]);
                 return GrpcAttempt::Retry {
                     error: format!("{}: {e}", w.url),
+                    status: e.http_status(),
                 };
             }
             Err(i) => {
@@ -228,6 +231,7 @@ pub(super) async fn attempt<W: Future<Output = BufResult<usize, Vec<u8>>>>(
             abort(&send, w, &p.requests);
             return GrpcAttempt::Retry {
                 error: format!("{}: {e}", w.url),
+                status: e.http_status(),
             };
         }
         Ok(Err(e)) => {
@@ -517,10 +521,11 @@ async fn fail_with(
 }
 
 /// `GET /v1/models`, which the engine has no RPC for: the router, its OpenAI front end,
-/// answers it from the model it loaded, in vLLM's shape (`root` is the served name: the
-/// engine's model path is not kept). `None` for any other request.
+/// answers it from the model it loaded, in vLLM's shape (a fleet of gRPC workers only is
+/// answered before routing; this serves a mixed fleet's request that met a gRPC worker).
+/// `None` for any other request.
 async fn answer_models(shard: &Shard, wr: &mut ClientWr, b: &mut Buffers) -> Option<Next> {
-    let model = &shard.cfg.model.as_ref()?.ctx;
+    let model = shard.cfg.model.as_ref()?;
     let s = b.start;
     let path = &b.inbuf[s + b.head.path.start..s + b.head.path.end];
     let path = path.split(|&c| c == b'?').next().unwrap_or(path);
@@ -528,20 +533,7 @@ async fn answer_models(shard: &Shard, wr: &mut ClientWr, b: &mut Buffers) -> Opt
     if path != b"/v1/models" || !matches!(method, Method::Get | Method::Head) {
         return None;
     }
-    let created = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let name = sonic_rs::to_string(&model.served_model_name).unwrap_or_default();
-    let body = format!(
-        "{{\"object\":\"list\",\"data\":[{{\"id\":{name},\"object\":\"model\",\"created\":{created},\
-         \"owned_by\":\"vllm\",\"root\":{name},\"parent\":null,\"max_model_len\":{},\
-         \"permission\":[{{\"id\":\"modelperm-{:032x}\",\"object\":\"model_permission\",\
-         \"created\":{created},\"allow_create_engine\":false,\"allow_sampling\":true,\
-         \"allow_logprobs\":true,\"allow_search_indices\":false,\"allow_view\":true,\
-         \"allow_fine_tuning\":false,\"organization\":\"*\",\"group\":null,\"is_blocking\":false}}]}}]}}",
-        model.max_model_len,
-        fastrand::u128(..),
-    );
+    let body = model.models_body();
     let close = !b.head.keep_alive;
     b.rec.status = 200;
     b.rec.router_error = false;
@@ -550,7 +542,7 @@ async fn answer_models(shard: &Shard, wr: &mut ClientWr, b: &mut Buffers) -> Opt
         &mut b.out,
         200,
         "application/json",
-        body.as_bytes(),
+        &body,
         Some(&b.rid),
         close,
         method == Method::Head,

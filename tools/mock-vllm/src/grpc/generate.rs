@@ -62,8 +62,15 @@ pub async fn generate(req: GenerateRequest, mut respond: SendResponse<Bytes>, st
             stream: req.stream,
             max_tokens: sp.max_tokens,
             n: sp.n,
+            kv_transfer_params_json: req.kv_transfer_params_json.clone(),
         })
     });
+    // A NIXL prefill leg (`do_remote_decode: true`) answers with what the decode side needs.
+    let prefill_kv = req
+        .kv_transfer_params_json
+        .as_deref()
+        .filter(|kv| cfg.kv_connector && kv.replace(' ', "").contains("\"do_remote_decode\":true"))
+        .map(|_| nixl_prefill_answer(&cfg.name, &req.request_id, prompt_len));
     state.running.fetch_add(1, Relaxed);
     let _running = Running(state);
     let failure = state.failure();
@@ -119,6 +126,7 @@ pub async fn generate(req: GenerateRequest, mut respond: SendResponse<Bytes>, st
             prompt_tokens: prompt_len as u32,
             index: index as u32,
             matched_stop: c.matched.map(MatchedStop::MatchedTokenId),
+            kv_transfer_params_json: prefill_kv.clone(),
             ..Default::default()
         })),
     };
@@ -202,4 +210,18 @@ async fn wait(send: &mut SendStream<Bytes>, state: &GrpcState, d: Duration) -> W
         _ = std::future::poll_fn(|cx| send.poll_reset(cx)) => Wait::Gone,
         _ = shutdown.changed() => Wait::Gone,
     }
+}
+
+/// What a NIXL prefill engine returns in `kv_transfer_params_json` (vLLM 0.32
+/// `NixlConnector`, pull mode), naming this mock as the engine holding the blocks.
+fn nixl_prefill_answer(name: &str, request_id: &str, prompt_tokens: usize) -> String {
+    let blocks = prompt_tokens.div_ceil(16).max(1);
+    let ids: Vec<String> = (0..blocks).map(|b| b.to_string()).collect();
+    format!(
+        "{{\"do_remote_prefill\":true,\"do_remote_decode\":false,\"remote_block_ids\":[[{}]],\
+         \"remote_engine_id\":\"{name}-engine\",\"remote_request_id\":\"{request_id}\",\
+         \"remote_host\":\"127.0.0.1\",\"remote_port\":5600,\"tp_size\":1,\
+         \"remote_num_tokens\":{prompt_tokens}}}",
+        ids.join(",")
+    )
 }

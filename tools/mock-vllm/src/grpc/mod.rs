@@ -84,6 +84,9 @@ pub struct GrpcConfig {
     pub version: String,
     /// The directory GetTokenizer zips (its plain files); None: FAILED_PRECONDITION.
     pub tokenizer_dir: Option<PathBuf>,
+    /// A NIXL KV connector: a prefill leg (`do_remote_decode: true`) is answered with
+    /// `kv_transfer_params_json`; without one, never.
+    pub kv_connector: bool,
 }
 
 impl Default for GrpcConfig {
@@ -101,6 +104,7 @@ impl Default for GrpcConfig {
             block_size: 16,
             version: "0.32.0".into(),
             tokenizer_dir: None,
+            kv_connector: true,
         }
     }
 }

@@ -35,6 +35,8 @@ pub struct SeenRequest {
     pub stream: bool,
     pub max_tokens: Option<u32>,
     pub n: u32,
+    /// `kv_transfer_params_json` as sent (P/D legs).
+    pub kv_transfer_params_json: Option<String>,
 }
 
 /// What the engine saw so far.
