@@ -62,6 +62,39 @@ def cases(stop_word):
                                                       stream=True))
     c["chat_max_completion_tokens"] = (
         "chat/completions", dict(cbase, max_tokens=None, max_completion_tokens=5))
+    # Logprobs.
+    lp = dict(base, logprobs=2)
+    c["cmpl_logprobs"] = ("completions", dict(lp))
+    c["cmpl_logprobs_stream"] = ("completions", dict(lp, stream=True,
+                                                     stream_options={"include_usage": True}))
+    c["cmpl_logprobs0"] = ("completions", dict(base, logprobs=0))
+    c["cmpl_logprobs_stop"] = ("completions", dict(lp, stop=[stop_word]))
+    c["cmpl_logprobs_stop_stream"] = ("completions", dict(lp, stop=[stop_word], stream=True))
+    c["cmpl_logprobs_n2_stream"] = ("completions", dict(sampled, logprobs=1, stream=True))
+    c["cmpl_logprobs_n2"] = ("completions", dict(sampled, logprobs=1))
+    c["cmpl_logprobs_two_prompts_stream"] = (
+        "completions", dict(lp, prompt=["Hello, my name is", "The sky"], stream=True))
+    c["cmpl_logprobs_token_ids"] = ("completions", dict(lp, return_tokens_as_token_ids=True))
+    c["cmpl_logprobs_token_ids_stream"] = (
+        "completions", dict(lp, return_tokens_as_token_ids=True, stream=True))
+    c["cmpl_prompt_logprobs"] = ("completions", dict(base, max_tokens=4, logprobs=1,
+                                                     prompt_logprobs=2))
+    c["cmpl_prompt_logprobs0"] = ("completions", dict(base, max_tokens=4, prompt_logprobs=0))
+    clp = dict(cbase, logprobs=True, top_logprobs=2)
+    c["chat_logprobs"] = ("chat/completions", dict(clp))
+    c["chat_logprobs_stream"] = ("chat/completions", dict(clp, stream=True,
+                                                          stream_options={"include_usage": True}))
+    c["chat_logprobs0"] = ("chat/completions", dict(cbase, logprobs=True))
+    c["chat_logprobs_stop"] = ("chat/completions", dict(clp, stop=["story6"]))
+    c["chat_logprobs_stop_stream"] = ("chat/completions", dict(clp, stop=["story6"],
+                                                               stream=True))
+    c["chat_logprobs_n2_stream"] = ("chat/completions", dict(clp, temperature=1.0, seed=7, n=2,
+                                                             stream=True))
+    c["chat_logprobs_token_ids"] = ("chat/completions", dict(clp, return_tokens_as_token_ids=True))
+    c["chat_logprobs_token_ids_stream"] = (
+        "chat/completions", dict(clp, return_tokens_as_token_ids=True, stream=True))
+    c["chat_prompt_logprobs"] = ("chat/completions", dict(cbase, max_tokens=4, logprobs=True,
+                                                          prompt_logprobs=1))
     return c
 
 
@@ -101,7 +134,13 @@ def sampling(body, prompt_len):
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
     if max_tokens is None:
         max_tokens = MAX_MODEL_LEN - prompt_len
+    if "messages" in body:
+        logprobs = body.get("top_logprobs", 0) if body.get("logprobs") else None
+    else:
+        logprobs = body.get("logprobs")
     return pb.SamplingParams(
+        logprobs=logprobs,
+        prompt_logprobs=body.get("prompt_logprobs"),
         temperature=body.get("temperature", 1.0),
         seed=body.get("seed"),
         max_tokens=max_tokens,
@@ -170,6 +209,17 @@ def main():
             "model": MODEL, "prompt": "Hello", "temperature": 0, "n": 2, "max_tokens": 4}),
         "err_bad_temperature": ("completions", {
             "model": MODEL, "prompt": "Hello", "temperature": -1, "max_tokens": 4}),
+        "err_logprobs_too_many": ("completions", {
+            "model": MODEL, "prompt": "Hello", "logprobs": 21, "max_tokens": 4}),
+        "err_prompt_logprobs_stream": ("completions", {
+            "model": MODEL, "prompt": "Hello", "prompt_logprobs": 1, "max_tokens": 4,
+            "stream": True}),
+        "err_chat_top_logprobs_too_many": ("chat/completions", {
+            "model": MODEL, "messages": CHAT, "logprobs": True, "top_logprobs": 21,
+            "max_tokens": 4}),
+        "err_chat_top_logprobs_negative": ("chat/completions", {
+            "model": MODEL, "messages": CHAT, "logprobs": True, "top_logprobs": -1,
+            "max_tokens": 4}),
     }
     for name, (endpoint, body) in errors.items():
         if args.only and name not in args.only:
