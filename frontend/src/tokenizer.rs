@@ -27,6 +27,9 @@ pub struct Tokenizer {
     pad: Option<SpecialToken>,
     eos_token_ids: Vec<u32>,
     added_tokens: HashMap<u32, String>,
+    /// A Metaspace pre-tokenizer's replacement character (`▁`), whose leading instances a
+    /// one-token decode strips.
+    leading_space_marker: Option<char>,
 }
 
 impl Tokenizer {
@@ -93,8 +96,10 @@ impl Tokenizer {
             .into_iter()
             .map(|(id, t)| (id, t.content))
             .collect();
+        let leading_space_marker = leading_space_marker(inner.get_pre_tokenizer());
         Ok(Self {
             inner,
+            leading_space_marker,
             dir,
             config,
             bos,
@@ -126,6 +131,28 @@ impl Tokenizer {
         self.inner
             .decode(ids, skip_special_tokens)
             .map_err(|e| FrontendError::Tokenize(e.to_string()))
+    }
+
+    /// One id's text as vLLM's logprobs show it (`convert_ids_list_to_tokens`): decoded alone
+    /// with special tokens kept, the leading spaces a Metaspace decode strips put back. An id
+    /// the vocabulary lacks decodes to "".
+    pub fn decode_one(&self, id: u32) -> String {
+        let text = self.inner.decode(&[id], false).unwrap_or_default();
+        let Some(marker) = self.leading_space_marker else {
+            return text;
+        };
+        let Some(raw) = self.inner.id_to_token(id) else {
+            return text;
+        };
+        let markers = raw.chars().take_while(|&c| c == marker).count();
+        let existing = text.len() - text.trim_start_matches(' ').len();
+        if markers > existing {
+            let mut s = " ".repeat(markers - existing);
+            s.push_str(&text);
+            s
+        } else {
+            text
+        }
     }
 
     pub fn bos(&self) -> Option<&SpecialToken> {
@@ -204,6 +231,20 @@ fn special_token_text(v: &Value) -> Option<String> {
     match v {
         Value::String(s) => Some(s.clone()),
         Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
+/// vLLM's `get_leading_space_marker`: a Metaspace pre-tokenizer's replacement, alone or in a
+/// sequence.
+fn leading_space_marker(pre: Option<&tokenizers::PreTokenizerWrapper>) -> Option<char> {
+    use tokenizers::PreTokenizerWrapper as P;
+    match pre? {
+        P::Metaspace(m) => Some(m.get_replacement()),
+        P::Sequence(seq) => seq.as_ref().iter().find_map(|p| match p {
+            P::Metaspace(m) => Some(m.get_replacement()),
+            _ => None,
+        }),
         _ => None,
     }
 }

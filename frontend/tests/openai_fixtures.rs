@@ -6,9 +6,9 @@
 use frontend::openai::{Endpoint, Generation, ModelContext, Responder};
 use grpc_proto::engine::{
     generate_complete::MatchedStop, generate_response::Response, GenerateComplete,
-    GenerateResponse, GenerateStreamChunk,
+    GenerateResponse, GenerateStreamChunk, OutputLogProbs, TopLogProbs,
 };
-use serde_json::Value;
+use serde_json::{value::RawValue, Value};
 
 const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/openai");
 
@@ -33,6 +33,42 @@ fn u(v: &Value, key: &str) -> u32 {
     v.get(key).and_then(Value::as_u64).unwrap_or(0) as u32
 }
 
+fn floats(v: &Value, key: &str) -> Vec<f32> {
+    v.get(key)
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .map(|x| match x.as_str() {
+                    Some("-Infinity") => f32::NEG_INFINITY,
+                    Some("Infinity") => f32::INFINITY,
+                    Some(_) => f32::NAN,
+                    None => x.as_f64().unwrap() as f32,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn output_logprobs(v: &Value) -> Option<OutputLogProbs> {
+    let lp = v.get("output_logprobs")?;
+    Some(OutputLogProbs {
+        token_logprobs: floats(lp, "token_logprobs"),
+        token_ids: ids(lp, "token_ids"),
+        top_logprobs: lp
+            .get("top_logprobs")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .map(|t| TopLogProbs {
+                        values: floats(t, "values"),
+                        token_ids: ids(t, "token_ids"),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+    })
+}
+
 /// One line of a `.engine.jsonl`: `json_format.MessageToDict` of a GenerateResponse.
 fn engine_message(line: &str) -> (usize, GenerateResponse) {
     let v: Value = serde_json::from_str(line).unwrap();
@@ -45,6 +81,7 @@ fn engine_message(line: &str) -> (usize, GenerateResponse) {
             completion_tokens: u(c, "completion_tokens"),
             cached_tokens: u(c, "cached_tokens"),
             index: u(c, "index"),
+            output_logprobs: output_logprobs(c),
             ..Default::default()
         })
     } else {
@@ -62,6 +99,7 @@ fn engine_message(line: &str) -> (usize, GenerateResponse) {
                 c.get("matched_token_id")
                     .map(|t| MatchedStop::MatchedTokenId(t.as_u64().unwrap() as u32))
             },
+            output_logprobs: output_logprobs(c),
             ..Default::default()
         })
     };
@@ -160,10 +198,52 @@ fn check(name: &str) {
     assert_eq!(got, want, "{name}");
 }
 
+/// A streamed `logprobs` value, its entries kept as written (floats as vLLM wrote them).
+#[derive(serde::Deserialize, serde::Serialize, Default)]
+struct CmplLogprobs {
+    text_offset: Vec<Box<RawValue>>,
+    token_logprobs: Vec<Box<RawValue>>,
+    tokens: Vec<Box<RawValue>>,
+    top_logprobs: Vec<Box<RawValue>>,
+}
+
+#[derive(serde::Deserialize, serde::Serialize, Default)]
+struct ChatLogprobs {
+    content: Vec<Box<RawValue>>,
+}
+
+/// Where the `logprobs` value of a chunk is, if not null.
+fn logprobs_span(e: &str) -> Option<(usize, usize)> {
+    let start = e.find("\"logprobs\":{")? + 11;
+    let mut de = serde_json::Deserializer::from_str(&e[start..]).into_iter::<Box<RawValue>>();
+    de.next()?.ok()?;
+    Some((start, start + de.byte_offset()))
+}
+
+/// `a` with `b`'s entries appended.
+fn merge_logprobs(a: &str, b: &str) -> String {
+    if a.is_empty() {
+        return b.to_string();
+    }
+    if a.starts_with("{\"content\"") {
+        let mut x: ChatLogprobs = serde_json::from_str(a).unwrap();
+        let y: ChatLogprobs = serde_json::from_str(b).unwrap();
+        x.content.extend(y.content);
+        return serde_json::to_string(&x).unwrap();
+    }
+    let mut x: CmplLogprobs = serde_json::from_str(a).unwrap();
+    let y: CmplLogprobs = serde_json::from_str(b).unwrap();
+    x.text_offset.extend(y.text_offset);
+    x.token_logprobs.extend(y.token_logprobs);
+    x.tokens.extend(y.tokens);
+    x.top_logprobs.extend(y.top_logprobs);
+    serde_json::to_string(&x).unwrap()
+}
+
 /// vLLM's HTTP server coalesces the outputs of several engine steps into one chunk when its
-/// writer lags the engine (timing, not behaviour): merges each run of unfinished text chunks of
-/// a choice into the chunk that follows it, on both sides, so only the text and the rest of
-/// each chunk are compared.
+/// writer lags the engine (timing, not behaviour), and so does the engine's own stream: merges
+/// each run of unfinished text chunks of a choice into the chunk that follows it, on both
+/// sides, so only the text, the logprobs entries and the rest of each chunk are compared.
 fn coalesced(body: &str) -> Vec<String> {
     let events = by_choice(body);
     let field = |e: &str| -> Option<(usize, usize)> {
@@ -183,6 +263,7 @@ fn coalesced(body: &str) -> Vec<String> {
     };
     let mut out: Vec<String> = Vec::new();
     let mut carry = String::new();
+    let mut carry_lp = String::new();
     for (k, e) in events.iter().enumerate() {
         let Some((a, b)) = field(e).filter(|_| !e.contains("\"role\"")) else {
             out.push(e.clone());
@@ -190,21 +271,26 @@ fn coalesced(body: &str) -> Vec<String> {
         };
         let text: String = serde_json::from_str(&e[a..b]).unwrap();
         let joined = carry.clone() + &text;
+        let lp = logprobs_span(e);
+        let joined_lp = lp.map(|(c, d)| merge_logprobs(&carry_lp, &e[c..d]));
         let unfinished = e.contains("\"finish_reason\":null");
         let next_same = events
             .get(k + 1)
             .is_some_and(|n| index(n) == index(e) && field(n).is_some());
         if unfinished && next_same {
             carry = joined;
+            carry_lp = joined_lp.unwrap_or_default();
             continue;
         }
         carry.clear();
-        out.push(format!(
-            "{}{}{}",
-            &e[..a],
-            serde_json::to_string(&joined).unwrap(),
-            &e[b..]
-        ));
+        carry_lp.clear();
+        let text = serde_json::to_string(&joined).unwrap();
+        out.push(match (lp, joined_lp) {
+            (Some((c, d)), Some(merged)) => {
+                format!("{}{}{}{}{}", &e[..a], text, &e[b..c], merged, &e[d..])
+            }
+            _ => format!("{}{}{}", &e[..a], text, &e[b..]),
+        });
     }
     out
 }
@@ -259,6 +345,43 @@ fn chat_streamed() {
         check(name);
     }
     check_grouped("chat_n2_stream");
+}
+
+#[test]
+fn completions_logprobs() {
+    for name in [
+        "cmpl_logprobs",
+        "cmpl_logprobs0",
+        "cmpl_logprobs_stop",
+        "cmpl_logprobs_token_ids",
+    ] {
+        check(name);
+    }
+    // The engine's stream sent two ids in one message at times.
+    for name in [
+        "cmpl_logprobs_stream",
+        "cmpl_logprobs_stop_stream",
+        "cmpl_logprobs_token_ids_stream",
+        "cmpl_logprobs_two_prompts_stream",
+    ] {
+        check_coalesced(name);
+    }
+}
+
+#[test]
+fn chat_logprobs() {
+    for name in [
+        "chat_logprobs",
+        "chat_logprobs0",
+        "chat_logprobs_stop",
+        "chat_logprobs_token_ids",
+        "chat_logprobs_stream",
+        "chat_logprobs_stop_stream",
+        "chat_logprobs_token_ids_stream",
+    ] {
+        check(name);
+    }
+    check_grouped("chat_logprobs_n2_stream");
 }
 
 #[test]

@@ -38,6 +38,8 @@ pub struct Generation {
     pub stop: StopParams,
     pub stop_token_ids: Vec<u32>,
     pub ignore_eos: bool,
+    /// `return_tokens_as_token_ids`: logprobs name tokens `token_id:{id}`.
+    pub return_tokens_as_token_ids: bool,
 }
 
 #[derive(Deserialize)]
@@ -78,6 +80,7 @@ struct Body<'a> {
     logprobs: Option<Value>,
     top_logprobs: Option<i64>,
     prompt_logprobs: Option<i64>,
+    return_tokens_as_token_ids: Option<bool>,
     skip_special_tokens: Option<bool>,
     spaces_between_special_tokens: Option<bool>,
     include_stop_str_in_output: Option<bool>,
@@ -155,6 +158,7 @@ impl Generation {
             },
             stop_token_ids: first.stop_token_ids.clone(),
             ignore_eos: first.ignore_eos,
+            return_tokens_as_token_ids: b.return_tokens_as_token_ids.unwrap_or(false),
             prompts,
             sampling,
         })

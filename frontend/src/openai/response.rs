@@ -10,6 +10,7 @@
 
 use grpc_proto::engine::{generate_complete::MatchedStop, generate_response, GenerateResponse};
 
+use super::logprobs::{ChoiceLogprobs, FloatStyle, LogprobsOpts};
 use super::{Endpoint, Generation, ModelContext, OpenAiError};
 use crate::SequenceText;
 
@@ -24,6 +25,10 @@ struct Choice {
     text: SequenceText,
     prompt_index: usize,
     finish: Option<(String, StopReason)>,
+    /// Only when logprobs were asked for.
+    logprobs: Option<ChoiceLogprobs>,
+    /// Non-streamed: the rendered `logprobs` value.
+    logprobs_json: Vec<u8>,
 }
 
 pub struct Responder<'a> {
@@ -44,6 +49,9 @@ pub struct Responder<'a> {
     created: u64,
     started: bool,
     kv_transfer_params: Option<String>,
+    logprobs: Option<LogprobsOpts>,
+    /// The `logprobs` value of the chunk being written.
+    logprobs_buf: Vec<u8>,
 }
 
 fn json_str(out: &mut Vec<u8>, s: &str) {
@@ -78,6 +86,11 @@ impl<'a> Responder<'a> {
         json_str(&mut head, &ctx.served_model_name);
         head.extend_from_slice(b",\"choices\":[");
         let n = gen.n as usize;
+        let logprobs = gen.sampling[0].logprobs.map(|top| LogprobsOpts {
+            top,
+            as_ids: gen.return_tokens_as_token_ids,
+            chat: gen.endpoint == Endpoint::ChatCompletions,
+        });
         let choices = (0..gen.num_choices())
             .map(|i| {
                 let p = &gen.prompts[i / n];
@@ -85,6 +98,8 @@ impl<'a> Responder<'a> {
                     text: SequenceText::new(&ctx.tokenizer, &p.token_ids, &gen.stop),
                     prompt_index: i / n,
                     finish: None,
+                    logprobs: logprobs.map(|_| ChoiceLogprobs::default()),
+                    logprobs_json: Vec::new(),
                 }
             })
             .collect();
@@ -113,6 +128,8 @@ impl<'a> Responder<'a> {
             created: created_unix_secs,
             started: false,
             kv_transfer_params: None,
+            logprobs,
+            logprobs_buf: Vec::new(),
         }
     }
 
@@ -153,6 +170,7 @@ impl<'a> Responder<'a> {
                 let last = *chunk.token_ids.last().expect("not empty");
                 let stop_token = self.stop_token(last);
                 let choice = &mut self.choices[i];
+                let before = choice.text.token_ids().len();
                 let stop_str = choice
                     .text
                     .update(tokenizer, &chunk.token_ids, stop_token.is_some())
@@ -169,6 +187,19 @@ impl<'a> Responder<'a> {
                 } else {
                     None
                 };
+                if let (Some(opts), Some(lp)) = (self.logprobs, choice.logprobs.as_mut()) {
+                    // The ids kept (a stop string drops those after it), their logprobs.
+                    let kept = choice.text.token_ids().len() - before;
+                    self.logprobs_buf.clear();
+                    lp.write(
+                        &mut self.logprobs_buf,
+                        tokenizer,
+                        opts,
+                        FloatStyle::Pydantic,
+                        &chunk.token_ids[..kept.min(chunk.token_ids.len())],
+                        chunk.output_logprobs.as_ref(),
+                    );
+                }
                 self.write_delta_chunk(i, out);
                 Ok(())
             }
@@ -200,6 +231,19 @@ impl<'a> Responder<'a> {
                         self.started = true;
                         self.write_role_chunks(out);
                     }
+                    let choice = &mut self.choices[i];
+                    if let (Some(opts), Some(lp)) = (self.logprobs, choice.logprobs.as_mut()) {
+                        // No new ids: an empty logprobs value.
+                        self.logprobs_buf.clear();
+                        lp.write(
+                            &mut self.logprobs_buf,
+                            tokenizer,
+                            opts,
+                            FloatStyle::Pydantic,
+                            &[],
+                            None,
+                        );
+                    }
                     self.write_delta_chunk(i, out);
                     return Ok(());
                 }
@@ -213,6 +257,17 @@ impl<'a> Responder<'a> {
                     Some(s) => ("stop".into(), StopReason::Str(s)),
                     None => (complete.finish_reason.clone(), engine_reason),
                 });
+                if let (Some(opts), Some(lp)) = (self.logprobs, choice.logprobs.as_mut()) {
+                    let kept = choice.text.token_ids().len().min(complete.output_ids.len());
+                    lp.write(
+                        &mut choice.logprobs_json,
+                        tokenizer,
+                        opts,
+                        FloatStyle::Repr,
+                        &complete.output_ids[..kept],
+                        complete.output_logprobs.as_ref(),
+                    );
+                }
                 Ok(())
             }
         }
@@ -274,12 +329,18 @@ impl<'a> Responder<'a> {
         if chat {
             out.extend_from_slice(b",\"delta\":{\"content\":");
             json_str(out, choice.text.next_delta(finished));
-            out.extend_from_slice(b"},\"logprobs\":null,\"finish_reason\":");
+            out.extend_from_slice(b"},\"logprobs\":");
         } else {
             out.extend_from_slice(b",\"text\":");
             json_str(out, choice.text.next_delta(finished));
-            out.extend_from_slice(b",\"logprobs\":null,\"finish_reason\":");
+            out.extend_from_slice(b",\"logprobs\":");
         }
+        if self.logprobs.is_some() {
+            out.extend_from_slice(&self.logprobs_buf);
+        } else {
+            out.extend_from_slice(b"null");
+        }
+        out.extend_from_slice(b",\"finish_reason\":");
         match &choice.finish {
             Some((reason, stop)) => {
                 json_str(out, reason);
@@ -353,7 +414,13 @@ impl<'a> Responder<'a> {
                 out.extend_from_slice(b",\"text\":");
                 json_str(out, choice.text.text(true));
             }
-            out.extend_from_slice(b",\"logprobs\":null,\"finish_reason\":");
+            out.extend_from_slice(b",\"logprobs\":");
+            if self.logprobs.is_some() && choice.finish.is_some() {
+                out.extend_from_slice(&choice.logprobs_json);
+            } else {
+                out.extend_from_slice(b"null");
+            }
+            out.extend_from_slice(b",\"finish_reason\":");
             let (reason, stop) = match &choice.finish {
                 Some((r, s)) => (r.as_str(), s),
                 None => ("abort", &StopReason::None),
