@@ -46,6 +46,16 @@ impl OpenAiError {
         }
     }
 
+    /// A `VLLMValidationError` without a value: `(parameter=..)`.
+    pub fn validation_param(message: impl Into<String>, param: &str) -> Self {
+        Self {
+            status: 400,
+            message: format!("{} (parameter={param})", message.into()),
+            kind: "BadRequestError",
+            param: Some(param.to_string()),
+        }
+    }
+
     /// What vLLM's request schema (pydantic) refuses: a malformed body or a field of the
     /// wrong type or missing. vLLM answers these with type `Bad Request` and `param`
     /// `body.<field>` (`body.<offset>` for JSON that does not parse).

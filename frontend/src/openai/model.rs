@@ -56,6 +56,9 @@ pub struct ModelContext {
     /// vLLM's `system_fingerprint` (`vllm-<version>-<config hash>` by default; it cannot be
     /// derived here). `None` writes `null` where vLLM writes it, as `--fingerprint-mode none`.
     pub system_fingerprint: Option<String>,
+    /// The most logprobs a request may ask for (vLLM's `--max-logprobs`, 20 by default; -1:
+    /// the vocabulary).
+    pub max_logprobs: i32,
 }
 
 impl ModelContext {
@@ -74,6 +77,7 @@ impl ModelContext {
             max_model_len,
             defaults: DefaultSampling::from_json(default_sampling_params_json)?,
             system_fingerprint: None,
+            max_logprobs: 20,
         })
     }
 

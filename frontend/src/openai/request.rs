@@ -101,6 +101,7 @@ const SAMPLING_EPS: f64 = 1e-5;
 impl Generation {
     pub fn parse(endpoint: Endpoint, body: &[u8], ctx: &ModelContext) -> Result<Self, OpenAiError> {
         let b: Body = parse_body(body)?;
+        check_logprobs_fields(&b, endpoint)?;
         if let Some(model) = &b.model {
             if *model != ctx.served_model_name {
                 return Err(OpenAiError {
@@ -191,6 +192,57 @@ impl Generation {
     pub fn num_choices(&self) -> usize {
         self.prompts.len() * self.n as usize
     }
+}
+
+/// The request models' `mode="before"` validators of vLLM's logprobs fields.
+fn check_logprobs_fields(b: &Body, endpoint: Endpoint) -> Result<(), OpenAiError> {
+    if let Some(p) = b.prompt_logprobs {
+        if b.stream == Some(true) && (p > 0 || p == -1) {
+            return Err(OpenAiError::validation_param(
+                "`prompt_logprobs` are not available when `stream=True`.",
+                "prompt_logprobs",
+            ));
+        }
+        if p < -1 {
+            return Err(OpenAiError::validation(
+                "`prompt_logprobs` must be a positive value or -1.",
+                "prompt_logprobs",
+                p,
+            ));
+        }
+    }
+    match endpoint {
+        Endpoint::Completions => {
+            if let Some(l) = b.logprobs.as_ref().and_then(Value::as_i64) {
+                if l < -1 {
+                    return Err(OpenAiError::validation(
+                        "`logprobs` must be a positive value or -1.",
+                        "logprobs",
+                        l,
+                    ));
+                }
+            }
+        }
+        Endpoint::ChatCompletions => {
+            if let Some(t) = b.top_logprobs {
+                if t < -1 {
+                    return Err(OpenAiError::validation(
+                        "`top_logprobs` must be a positive value or -1.",
+                        "top_logprobs",
+                        t,
+                    ));
+                }
+                let asked = matches!(b.logprobs, Some(Value::Bool(true)));
+                if (t == -1 || t > 0) && !asked {
+                    return Err(OpenAiError::validation_param(
+                        "when using `top_logprobs`, `logprobs` must be set to true.",
+                        "top_logprobs",
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A prompt longer than the context is refused. vLLM tokenizes text with truncation at one
@@ -458,6 +510,37 @@ fn sampling_params(
             return Err(OpenAiError::validation(
                 format!("logprobs must be non-negative or -1, got {l}."),
                 "logprobs",
+                l,
+            ));
+        }
+    }
+    // SamplingParams._validate_logprobs (vLLM checks it once the request reaches the engine
+    // client).
+    let vocab = ctx.tokenizer.vocab_size() as i64;
+    let max_logprobs = match ctx.max_logprobs {
+        -1 => vocab,
+        m => m as i64,
+    };
+    if let Some(l) = logprobs.filter(|&l| l != 0) {
+        let l = if l == -1 { vocab } else { l };
+        if l > max_logprobs {
+            return Err(OpenAiError::validation(
+                format!(
+                    "Requested sample logprobs of {l}, which is greater than max allowed: {max_logprobs}"
+                ),
+                "logprobs",
+                l,
+            ));
+        }
+    }
+    if let Some(l) = b.prompt_logprobs.filter(|&l| l != 0) {
+        let l = if l == -1 { vocab } else { l };
+        if l > max_logprobs {
+            return Err(OpenAiError::validation(
+                format!(
+                    "Requested prompt logprobs of {l}, which is greater than max allowed: {max_logprobs}"
+                ),
+                "prompt_logprobs",
                 l,
             ));
         }
