@@ -354,15 +354,19 @@ fn completions_logprobs() {
         "cmpl_logprobs0",
         "cmpl_logprobs_stop",
         "cmpl_logprobs_token_ids",
+        "cmpl_logprobs_stop_token",
+        "cmpl_logprobs_stop_stream",
+        "cmpl_logprobs_stop_include_stream",
+        "cmpl_logprobs_token_ids_stream",
     ] {
         check(name);
     }
-    // The engine's stream sent two ids in one message at times.
+    // The engine's stream sent two ids in one message at times; vLLM's writer sent the whole
+    // stop-token stream in one chunk.
     for name in [
         "cmpl_logprobs_stream",
-        "cmpl_logprobs_stop_stream",
-        "cmpl_logprobs_token_ids_stream",
         "cmpl_logprobs_two_prompts_stream",
+        "cmpl_logprobs_stop_token_stream",
     ] {
         check_coalesced(name);
     }

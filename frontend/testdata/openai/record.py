@@ -80,6 +80,12 @@ def cases(stop_word):
     c["cmpl_prompt_logprobs"] = ("completions", dict(base, max_tokens=4, logprobs=1,
                                                      prompt_logprobs=2))
     c["cmpl_prompt_logprobs0"] = ("completions", dict(base, max_tokens=4, prompt_logprobs=0))
+    # 840 is "21", sampled greedily after nine " 15": the stop id ends it, not in the text.
+    c["cmpl_logprobs_stop_token"] = ("completions", dict(lp, stop_token_ids=[840]))
+    c["cmpl_logprobs_stop_token_stream"] = ("completions", dict(lp, stop_token_ids=[840],
+                                                                stream=True))
+    c["cmpl_logprobs_stop_include_stream"] = (
+        "completions", dict(lp, stop=[stop_word], include_stop_str_in_output=True, stream=True))
     clp = dict(cbase, logprobs=True, top_logprobs=2)
     c["chat_logprobs"] = ("chat/completions", dict(clp))
     c["chat_logprobs_stream"] = ("chat/completions", dict(clp, stream=True,
@@ -145,6 +151,7 @@ def sampling(body, prompt_len):
         seed=body.get("seed"),
         max_tokens=max_tokens,
         stop=stop,
+        stop_token_ids=body.get("stop_token_ids") or [],
         n=body.get("n", 1),
         skip_special_tokens=True,
         spaces_between_special_tokens=True,
