@@ -16,6 +16,9 @@ use crate::Tokenizer;
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct LogprobsOpts {
     /// Top logprobs per position (completions `logprobs`, chat `top_logprobs`); -1: all.
+    /// Chat shows the first `top` entries of vLLM's dict; completions show all of it
+    /// (`top` + 1 when the sampled token is not among the top), of which the engine's
+    /// servicer sends the first `top` (the sampled token alone for 0).
     pub top: i32,
     /// `return_tokens_as_token_ids`: tokens as `token_id:{id}`.
     pub as_ids: bool,
@@ -268,7 +271,6 @@ impl ChoiceLogprobs {
             }
             self.advance(id);
         }
-        let _ = opts.top;
         out.extend_from_slice(b"{\"text_offset\":[");
         for (j, t) in tokens.iter().enumerate() {
             if j > 0 {

@@ -7,6 +7,10 @@
 //! the finish is predicted from the ids (a stop string, EOS or a stop token id, `max_tokens`,
 //! the context length); a `complete` that finishes a choice not yet finished adds a closing
 //! chunk with empty text.
+//!
+//! Logprobs, when asked for, ride on each chunk for the ids it kept (a stop string drops those
+//! after it; held-back text does not hold back logprobs) and on the body from the `complete`.
+//! `prompt_logprobs` stays null: the engine's `InputLogProbs` carry no ranks.
 
 use grpc_proto::engine::{generate_complete::MatchedStop, generate_response, GenerateResponse};
 
