@@ -777,11 +777,13 @@ async fn route_request(
 /// The model, when every worker in `set` is a gRPC worker (then the router answers what
 /// vLLM's HTTP server would).
 fn grpc_model<'s>(shard: &'s Shard, set: &WorkerSet) -> Option<&'s crate::config::Model> {
+    // An HTTP fleet has no model: nothing to look at per request.
+    let model = shard.cfg.model.as_ref()?;
     let all_grpc = !set.is_empty()
         && set
             .iter()
             .all(|w| w.protocol == crate::route::Protocol::Grpc);
-    shard.cfg.model.as_ref().filter(|_| all_grpc)
+    all_grpc.then_some(model)
 }
 
 /// Health probes and the version stay open to anyone; everything else needs the key.
