@@ -66,17 +66,6 @@ fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
     f()
 }
 
-fn worker_health(r: &Router, url: &str) -> String {
-    let v = exchange(r.addr, &get("/workers")).json();
-    let w = v["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|w| w["url"] == url)
-        .unwrap_or_else(|| panic!("{url} not in {v}"));
-    w["health"].as_str().unwrap().to_string()
-}
-
 fn prompt_tokens(v: &Value) -> usize {
     v["usage"]["prompt_tokens"].as_u64().unwrap() as usize
 }

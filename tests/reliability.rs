@@ -55,17 +55,6 @@ fn open_stream(r: &Router, body: &str) -> (TcpStream, String) {
     (s, String::from_utf8(head).unwrap())
 }
 
-fn worker_health(r: &Router, url: &str) -> String {
-    let v = exchange(r.addr, &get("/workers")).json();
-    let w = v["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|w| w["url"] == url)
-        .unwrap_or_else(|| panic!("{url} not in {v}"));
-    w["health"].as_str().unwrap().to_string()
-}
-
 // ---- active health checks -------------------------------------------------------------
 
 #[test]

@@ -442,3 +442,15 @@ pub fn read_request(s: &mut TcpStream) -> Option<(String, Vec<u8>)> {
         buf.extend_from_slice(&tmp[..n]);
     }
 }
+
+/// The `health` the router's `/workers` shows for `url`.
+pub fn worker_health(r: &Router, url: &str) -> String {
+    let v = exchange(r.addr, &get("/workers")).json();
+    let w = v["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["url"] == url)
+        .unwrap_or_else(|| panic!("{url} not in {v}"));
+    w["health"].as_str().unwrap().to_string()
+}
