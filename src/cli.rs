@@ -510,6 +510,15 @@ impl Cli {
                 .is_some_and(|pd| pd.prefill_policy.policy.uses_load())
     }
 
+    /// Whether a policy keeps a prefix index (cache_aware, load_aware): gRPC engines' KV
+    /// events then feed it.
+    pub fn indexes_prefixes(&self) -> bool {
+        let cfg = self.data_plane_config();
+        let prefix =
+            |p: shards::Policy| matches!(p, shards::Policy::CacheAware | shards::Policy::LoadAware);
+        prefix(cfg.policy.policy) || cfg.pd.is_some_and(|pd| prefix(pd.prefill_policy.policy))
+    }
+
     /// Active health checking as the flags say.
     pub fn health_config(&self) -> crate::control::registry::HealthConfig {
         let r = &self.reliability;

@@ -239,6 +239,7 @@ fn main() -> ExitCode {
                 cli.policy
             },
             prefill_policy: pd.then(|| cli.prefill_policy.unwrap_or(cli.policy)),
+            kv_index: plane.kv_index.clone(),
         };
         (listener, sources)
     });
@@ -255,6 +256,7 @@ fn main() -> ExitCode {
         discovery,
         pd_mode,
         prometheus,
+        kv_index: cli.indexes_prefixes().then(|| plane.kv_index.clone()),
     });
     // Scripts wait for the "listening" line: let the first health checks decide which
     // workers are routable before it (bounded by the check timeout).

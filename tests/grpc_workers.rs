@@ -817,3 +817,145 @@ fn pd_prefill_without_kv_params_is_a_502_unless_decode_only_fallback() {
     assert_eq!(dec.len(), 1);
     assert_eq!(dec[0].kv_transfer_params_json, None);
 }
+
+// ---- KV-cache events (SubscribeKvEvents) --------------------------------------------
+
+/// A 64-token prompt (four KV blocks of the mock's 16), distinct per `seed`.
+fn token_prompt(seed: u32) -> Vec<u32> {
+    (0..64).map(|i| 10 + seed * 100 + i).collect()
+}
+
+fn complete_ids(r: &Router, ids: &[u32]) -> Response {
+    let body = serde_json::json!({"model": "mock-model", "prompt": ids, "max_tokens": 1});
+    post(r, "/v1/completions", &body.to_string())
+}
+
+/// Which of `engines` received a Generate for `ids`.
+fn served_by(engines: &[GrpcMock], ids: &[u32]) -> Vec<usize> {
+    (0..engines.len())
+        .filter(|&i| {
+            engines[i]
+                .stats()
+                .requests
+                .iter()
+                .any(|s| s.input_ids == ids)
+        })
+        .collect()
+}
+
+/// The router's `ringrouter_kv_cache_blocks` for the worker at `url`, if reported.
+fn kv_blocks(r: &Router, url: &str) -> Option<u64> {
+    let needle = format!("ringrouter_kv_cache_blocks{{worker=\"{url}\"}} ");
+    r.scrape()
+        .lines()
+        .find_map(|l| l.strip_prefix(needle.as_str()))
+        .map(|v| v.trim().parse::<f64>().unwrap() as u64)
+}
+
+fn kv_engines(n: usize) -> Vec<GrpcMock> {
+    (0..n).map(|_| engine(|c| c.kv_events = true)).collect()
+}
+
+fn kv_router(engines: &[GrpcMock]) -> Router {
+    let urls: Vec<String> = engines.iter().map(|e| e.url()).collect();
+    let r = router(&urls, &["--policy", "cache_aware"]);
+    assert!(
+        eventually(Duration::from_secs(5), || engines
+            .iter()
+            .all(|e| e.stats().kv_subscriptions >= 1)),
+        "the router subscribes to every engine's KV events"
+    );
+    r
+}
+
+#[test]
+fn cache_aware_sends_a_prompt_to_the_engine_that_reports_holding_it() {
+    let engines = kv_engines(2);
+    let r = kv_router(&engines);
+    // Nothing was routed yet: only the engines' events can say where each prompt is.
+    for seed in 0..8 {
+        engines[seed as usize % 2]
+            .state()
+            .kv_store(&token_prompt(seed));
+    }
+    for (i, e) in engines.iter().enumerate() {
+        assert!(
+            eventually(Duration::from_secs(5), || kv_blocks(&r, &e.url())
+                == Some(16)),
+            "engine {i}: {:?}",
+            kv_blocks(&r, &e.url())
+        );
+    }
+    for seed in 0..8 {
+        let resp = complete_ids(&r, &token_prompt(seed));
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        assert_eq!(
+            served_by(&engines, &token_prompt(seed)),
+            [seed as usize % 2],
+            "prompt {seed}"
+        );
+    }
+}
+
+#[test]
+fn an_evicted_prompt_stops_attracting_and_follows_the_engine_that_now_holds_it() {
+    let engines = kv_engines(2);
+    let r = kv_router(&engines);
+    // Each prompt is stored on engine 0, evicted there and stored on engine 1. Without
+    // the removals, both would hold it and the pick would be a coin toss per prompt.
+    for seed in 0..6 {
+        let p = token_prompt(seed);
+        engines[0].state().kv_store(&p);
+        engines[0].state().kv_evict(&p);
+        engines[1].state().kv_store(&p);
+    }
+    assert!(eventually(Duration::from_secs(5), || {
+        kv_blocks(&r, &engines[0].url()) == Some(0) && kv_blocks(&r, &engines[1].url()) == Some(24)
+    }));
+    for seed in 0..6 {
+        assert_eq!(complete_ids(&r, &token_prompt(seed)).status, 200);
+        assert_eq!(
+            served_by(&engines, &token_prompt(seed)),
+            [1],
+            "prompt {seed}"
+        );
+    }
+}
+
+#[test]
+fn a_gap_in_the_events_clears_the_engine_and_resubscribes() {
+    let engines = kv_engines(1);
+    let r = kv_router(&engines);
+    let url = engines[0].url();
+    engines[0].state().kv_store(&token_prompt(1));
+    assert!(eventually(Duration::from_secs(5), || kv_blocks(&r, &url) == Some(4)));
+    // A batch is lost: the router can no longer tell what the engine holds.
+    engines[0].state().kv_skip_sequence();
+    engines[0].state().kv_store(&token_prompt(2));
+    assert!(
+        eventually(Duration::from_secs(5), || engines[0]
+            .stats()
+            .kv_subscriptions
+            >= 2),
+        "resubscribed"
+    );
+    // From the new subscription on it is fed again, from nothing.
+    engines[0].state().kv_store(&token_prompt(3));
+    assert!(eventually(Duration::from_secs(5), || kv_blocks(&r, &url) == Some(4)));
+    assert!(
+        r.log_contains("KV-cache events: stream lost"),
+        "{}",
+        r.log()
+    );
+}
+
+#[test]
+fn an_engine_without_kv_events_is_routed_by_guess_and_says_so_once() {
+    let e = engine(|_| {});
+    let r = router(&[e.url()], &["--policy", "cache_aware"]);
+    assert_eq!(complete_ids(&r, &token_prompt(1)).status, 200);
+    assert!(eventually(Duration::from_secs(5), || r
+        .log_contains("the engine streams no KV-cache events")));
+    assert_eq!(kv_blocks(&r, &e.url()), None);
+    assert_eq!(e.stats().kv_subscriptions, 0);
+}

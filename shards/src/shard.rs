@@ -18,6 +18,7 @@ use crate::breaker::Breakers;
 use crate::config::{DataPlaneConfig, IoDriver};
 use crate::metrics::Metrics;
 use crate::proxy::{serve_connection, Shard};
+use crate::route::kv_index::KvIndex;
 use crate::route::Selector;
 use crate::sync::{Directory, LoadBoard, PrefixFeed};
 use crate::upstream::Pool;
@@ -47,6 +48,8 @@ pub struct DataPlane {
     pub admission: Arc<Admission>,
     /// Every shard's counters, summed when Prometheus scrapes.
     pub metrics: Arc<Metrics>,
+    /// What gRPC engines report holding in their KV caches; the control plane writes it.
+    pub kv_index: Arc<KvIndex>,
     pub shards: Vec<ShardInfo>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -85,6 +88,7 @@ struct Shared {
     breakers: Arc<Breakers>,
     admission: Arc<Admission>,
     metrics: Arc<Metrics>,
+    kv_index: Arc<KvIndex>,
 }
 
 type Runtime = FusionRuntime<TimeDriver<IoUringDriver>, TimeDriver<LegacyDriver>>;
@@ -140,6 +144,7 @@ pub fn start(cfg: DataPlaneConfig) -> Result<DataPlane, String> {
         breakers: Arc::new(Breakers::new(slots, cfg.breaker)),
         admission: Arc::new(Admission::new(cfg.admission)),
         metrics: Arc::new(Metrics::new(cfg.shards, slots)),
+        kv_index: Arc::new(KvIndex::new(slots)),
     };
     let mut feeds = PrefixFeed::mesh(cfg.shards).into_iter();
     // P/D mode: the prefill workers' prefix index has its own.
@@ -183,6 +188,7 @@ pub fn start(cfg: DataPlaneConfig) -> Result<DataPlane, String> {
         breakers: shared.breakers,
         admission: shared.admission,
         metrics: shared.metrics,
+        kv_index: shared.kv_index,
         shards: infos,
         threads,
     })
@@ -238,10 +244,14 @@ fn run_shard(
             all
         };
         let metrics = shared.metrics.shards[id].clone();
-        let selector = Selector::new(cfg.policy.clone(), id, &local, shared.board.clone(), feed);
+        let mut selector =
+            Selector::new(cfg.policy.clone(), id, &local, shared.board.clone(), feed);
+        selector.set_kv_index(shared.kv_index.clone());
         metrics.add_selector(selector.stats.clone());
         if let Some(pd) = &pd {
-            metrics.add_selector(pd.selector.borrow().stats.clone());
+            let mut prefill = pd.selector.borrow_mut();
+            prefill.set_kv_index(shared.kv_index.clone());
+            metrics.add_selector(prefill.stats.clone());
         }
         let timers = Rc::new(crate::timer::Timers::default());
         monoio::spawn(timers.clone().drive());

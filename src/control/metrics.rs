@@ -32,6 +32,7 @@ pub struct Sources {
     pub shards: Vec<ShardInfo>,
     pub policy: Policy,
     pub prefill_policy: Option<Policy>,
+    pub kv_index: Arc<shards::route::kv_index::KvIndex>,
 }
 
 /// Counts kept by the control plane itself.
@@ -123,6 +124,8 @@ struct WorkerView {
     breaker: BreakerState,
     transitions: Vec<(BreakerState, BreakerState, u64)>,
     in_flight: u32,
+    /// Engine KV blocks its KV-cache events say it holds (event-fed gRPC workers only).
+    kv_blocks: Option<u64>,
     counts: [u64; shards::metrics::WORKER_COUNTS],
 }
 
@@ -190,6 +193,7 @@ fn read(reg: &Registry, src: &Sources, control: &ControlCounts) -> Scrape {
                     .map(|&(f, t)| (f, t, src.breakers.transitions(slot, f, t)))
                     .collect(),
                 in_flight: src.board.in_flight(slot),
+                kv_blocks: src.kv_index.held(slot),
                 counts: src.metrics.worker(slot),
             }
         })
@@ -600,6 +604,15 @@ impl Collector for Scrape {
             [(vec![], self.control.discovery_removed as f64)],
         )?;
         // ringrouter's own.
+        gauges(
+            e,
+            "ringrouter_kv_cache_blocks",
+            "KV-cache blocks each gRPC worker's engine reports holding (SubscribeKvEvents), \
+             as cache-aware routing sees them; absent for workers routed by guess",
+            self.workers
+                .iter()
+                .filter_map(|w| Some((worker(w), w.kv_blocks? as f64))),
+        )?;
         histograms(
             e,
             "ringrouter_time_to_first_token_seconds",

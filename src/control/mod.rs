@@ -1,14 +1,16 @@
 //! The control plane: one thread with a tokio runtime and a hyper client, never on the
 //! request path. It owns worker membership (the registry), runs the active health checks,
 //! answers the worker admin API for the shards, applies membership changes from other
-//! sources (Kubernetes discovery), scrapes vLLM's load gauges onto the load board, and
-//! serves the router's own Prometheus metrics.
+//! sources (Kubernetes discovery), scrapes vLLM's load gauges onto the load board, follows
+//! gRPC engines' KV-cache events into the prefix index, and serves the router's own
+//! Prometheus metrics.
 //! Every change to the routable set reaches the shards as a new worker-set epoch.
 
 mod admin_api;
 pub mod discovery;
 pub mod engine;
 mod health;
+mod kv_events;
 mod load_scrape;
 pub mod membership;
 pub mod metrics;
@@ -44,6 +46,8 @@ pub struct Control {
     pub pd_mode: bool,
     /// The Prometheus endpoint's listener (bound at start) and what a scrape reads.
     pub prometheus: Option<(std::net::TcpListener, metrics::Sources)>,
+    /// Set when a policy keeps a prefix index: gRPC engines' KV-cache events feed it.
+    pub kv_index: Option<Arc<shards::route::kv_index::KvIndex>>,
 }
 
 /// Starts the control-plane thread. The returned receiver gets one message when the
@@ -123,6 +127,9 @@ async fn run(mut c: Control, ready: std::sync::mpsc::Sender<Result<(), String>>)
             c.board.clone(),
             every,
         ));
+    }
+    if let Some(index) = c.kv_index.take() {
+        tokio::spawn(kv_events::run(c.directory.clone(), index));
     }
     let (scrape_tx, mut scrapes) = tokio::sync::mpsc::unbounded_channel();
     let prometheus = c.prometheus.take().map(|(listener, sources)| {

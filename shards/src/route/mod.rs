@@ -5,6 +5,7 @@
 //! One mechanism serves connect-failure fallback now and health skipping and retries later.
 
 pub mod key;
+pub mod kv_index;
 mod policy;
 pub mod prefix;
 pub mod ring;

@@ -1,13 +1,15 @@
 //! Routing policies and the per-shard selector state they need: round-robin cursor, RNG,
 //! hash ring, prefix index. Each shard decides alone from its own state and the shared
-//! load board; no locks on the request path.
+//! load board; no locks on the request path, except a read lock on the engines' KV-event
+//! index when gRPC engines report their caches (`kv_index`).
 
 use std::fmt;
 use std::hash::Hasher;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use super::prefix::{block_hashes, worker_bit, PrefixIndex, WorkerMask, BLOCK};
+use super::kv_index::KvIndex;
+use super::prefix::{block_hashes, worker_bit, PrefixIndex, PrefixMatch, WorkerMask, BLOCK};
 use super::ring::HashRing;
 use super::WorkerSet;
 use crate::metrics::SelectorStats;
@@ -140,9 +142,16 @@ pub struct Selector {
     hashes: Vec<u64>,
     fresh: Vec<u64>,
     depth: Vec<u16>,
+    /// The engines' own account of their caches, for the workers that stream it.
+    kv: Option<Arc<KvIndex>>,
+    clock: std::time::Instant,
     /// Its cache_aware decisions, read at scrape time.
     pub stats: Arc<SelectorStats>,
 }
+
+/// How long a route counts as held by an event-fed worker before its engine reports the
+/// blocks (they are stored once the prompt is scheduled, which may wait in its queue).
+pub const PENDING_MS: u32 = 5_000;
 
 impl Selector {
     pub fn new(
@@ -166,6 +175,8 @@ impl Selector {
             hashes: Vec::new(),
             fresh: Vec::new(),
             depth: Vec::new(),
+            kv: None,
+            clock: std::time::Instant::now(),
             stats: Default::default(),
             cfg,
         };
@@ -194,6 +205,45 @@ impl Selector {
 
     fn slot(&self, position: usize) -> usize {
         self.slots[position]
+    }
+
+    /// Reads the workers' prefix depths from `kv` for the workers their engines' events
+    /// feed (the others' are still guessed from routing).
+    pub fn set_kv_index(&mut self, kv: Arc<KvIndex>) {
+        self.kv = Some(kv);
+    }
+
+    /// Workers fed by KV events, and the clock now (ms), when any are.
+    fn event_fed(&self) -> Option<(WorkerMask, u32)> {
+        let exact = self.kv.as_ref()?.exact();
+        (exact != 0).then(|| (exact, self.clock.elapsed().as_millis() as u32))
+    }
+
+    /// Every worker's prefix depth into `self.depth` (by slot): from its engine's KV
+    /// events, raised by what was routed to it in the last `PENDING_MS`, for the workers in
+    /// `exact`; guessed from routing for the rest.
+    fn depths(&mut self, fed: Option<(WorkerMask, u32)>) {
+        let slot_count = self.slots.last().map_or(0, |&s| s + 1);
+        let idx = self.prefix.as_mut().expect("prefix index");
+        idx.depths(&self.hashes, slot_count, &mut self.depth);
+        let (Some((exact, now)), Some(kv)) = (fed, self.kv.as_ref()) else {
+            return;
+        };
+        let mut bits = exact;
+        while bits != 0 {
+            let s = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            if let Some(d) = self.depth.get_mut(s) {
+                *d = 0;
+            }
+        }
+        kv.depths(&self.hashes, exact, &mut self.depth);
+        idx.recent_depths(
+            &self.hashes,
+            exact,
+            now.saturating_sub(PENDING_MS),
+            &mut self.depth,
+        );
     }
 
     pub fn policy(&self) -> Policy {
@@ -293,6 +343,10 @@ impl Selector {
 
     fn prefix_aware(&mut self, input: &RouteInput<'_>) -> Candidates {
         let n = self.slots.len();
+        let fed = self.event_fed();
+        if let (Some((_, now)), Some(idx)) = (fed, self.prefix.as_mut()) {
+            idx.set_clock(now);
+        }
         // What the other shards routed since we last looked.
         if let (Some(feed), Some(idx)) = (self.feed.as_ref(), self.prefix.as_mut()) {
             for ins in feed.drain() {
@@ -301,9 +355,9 @@ impl Selector {
         }
         let covered = block_hashes(input.text, &mut self.hashes);
         let chosen = if self.cfg.policy == Policy::CacheAware {
-            self.cache_aware_pick(covered)
+            self.cache_aware_pick(covered, fed)
         } else {
-            self.load_aware_pick(covered)
+            self.load_aware_pick(covered, fed)
         };
         let chosen_slot = self.slot(chosen);
         if let Some(idx) = self.prefix.as_mut() {
@@ -321,7 +375,7 @@ impl Selector {
     /// vllm-router's cache_aware: least loaded when the load is imbalanced; else the worker
     /// with the longest cached prefix if the match ratio reaches the threshold; else the
     /// least loaded.
-    fn cache_aware_pick(&mut self, covered: usize) -> usize {
+    fn cache_aware_pick(&mut self, covered: usize, fed: Option<(WorkerMask, u32)>) -> usize {
         let (mut max, mut min) = (0u32, u32::MAX);
         for &slot in &self.slots {
             let l = self.board.in_flight(slot);
@@ -333,8 +387,13 @@ impl Selector {
         if imbalanced {
             return self.least_loaded(0);
         }
-        let idx = self.prefix.as_mut().expect("prefix index");
-        let m = idx.longest_match(&self.hashes);
+        let m = if fed.is_some() {
+            self.depths(fed);
+            deepest(&self.depth)
+        } else {
+            let idx = self.prefix.as_mut().expect("prefix index");
+            idx.longest_match(&self.hashes)
+        };
         let ratio = if covered == 0 {
             0.0
         } else {
@@ -354,11 +413,9 @@ impl Selector {
     /// already holds: a full hit is worth `prefix_weight` queued requests. A worker whose
     /// KV cache is nearly full pays extra (it is about to preempt). Cold requests (no match
     /// anywhere) go to the least loaded, ties at random, so they spread.
-    fn load_aware_pick(&mut self, covered: usize) -> usize {
-        let idx = self.prefix.as_mut().expect("prefix index");
+    fn load_aware_pick(&mut self, covered: usize, fed: Option<(WorkerMask, u32)>) -> usize {
         let total_blocks = self.hashes.len();
-        let slot_count = self.slots.last().map_or(0, |&s| s + 1);
-        idx.depths(&self.hashes, slot_count, &mut self.depth);
+        self.depths(fed);
         let any_match = self.depth.iter().any(|&d| d > 0);
         if !any_match || covered == 0 {
             self.stats.cache_misses.inc();
@@ -399,6 +456,23 @@ impl Selector {
     /// The shard this selector belongs to.
     pub fn shard(&self) -> usize {
         self.shard
+    }
+}
+
+/// The deepest prefix in `depth` (by slot) and the workers holding it.
+fn deepest(depth: &[u16]) -> PrefixMatch {
+    let blocks = depth.iter().copied().max().unwrap_or(0);
+    let mut workers: WorkerMask = 0;
+    if blocks > 0 {
+        for (slot, &d) in depth.iter().enumerate() {
+            if d == blocks {
+                workers |= worker_bit(slot);
+            }
+        }
+    }
+    PrefixMatch {
+        blocks: blocks as usize,
+        workers,
     }
 }
 
@@ -607,6 +681,50 @@ mod tests {
             assert_eq!(w, owner[g], "group {g} moved at request {i}");
         }
         assert!(s.stats.cache_hits.get() >= 190);
+    }
+
+    /// Token ids as the gRPC path's routing text (little-endian u32s).
+    fn token_text(ids: &[u32]) -> Vec<u8> {
+        ids.iter().flat_map(|t| t.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn event_fed_workers_are_routed_by_what_their_engines_report() {
+        use crate::route::kv_index::{EngineBlocks, KvIndex, StoredBlock};
+        for policy in [Policy::CacheAware, Policy::LoadAware] {
+            let (mut s, _) = selector(policy, 3);
+            let kv = Arc::new(KvIndex::new(3));
+            s.set_kv_index(kv.clone());
+            let mut engines: Vec<EngineBlocks> =
+                (0..3).map(|slot| EngineBlocks::new(&kv, slot)).collect();
+            let prompt: Vec<u32> = (100..164).collect();
+            let bytes = token_text(&prompt);
+            let text = [&bytes[..]];
+            let input = RouteInput {
+                session_key: None,
+                text: &text,
+            };
+            let store = |kv: &KvIndex, e: &mut EngineBlocks, base: i64| {
+                let blocks: Vec<StoredBlock> = prompt
+                    .chunks(16)
+                    .enumerate()
+                    .map(|(i, t)| StoredBlock {
+                        engine_hash: base + i as i64,
+                        token_ids: t,
+                    })
+                    .collect();
+                e.stored(kv, None, &blocks);
+            };
+            // Nothing routed yet, but engine 2 reports the prompt: it goes there.
+            store(&kv, &mut engines[2], 10);
+            assert_eq!(first(&mut s, &input), 2, "{policy}");
+            // Engine 2 evicts it and engine 1 stores it. Routing history says 2 (it was
+            // routed there within PENDING_MS), so 2 and 1 tie on depth; let the route age.
+            engines[2].removed(&kv, &[10, 11, 12, 13]);
+            store(&kv, &mut engines[1], 20);
+            s.clock -= std::time::Duration::from_millis(PENDING_MS as u64 + 1_000);
+            assert_eq!(first(&mut s, &input), 1, "{policy}");
+        }
     }
 
     #[test]

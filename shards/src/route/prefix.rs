@@ -31,6 +31,13 @@ fn block_hasher() -> ahash::RandomState {
     )
 }
 
+/// The hash of the block `block` (BLOCK bytes) that follows a prefix whose last block
+/// hashed to `prev` (0 for the first block). The KV-event index (`kv_index`) rebuilds a
+/// request's hashes from the token ids engines report with this.
+pub fn chain(prev: u64, block: &[u8]) -> u64 {
+    block_hasher().hash_one((prev, block))
+}
+
 /// Chained hashes of the full blocks of the concatenated `segments` (a partial last block
 /// is not hashed: engines cache whole blocks only). Returns the number of text bytes the
 /// hashes cover at most (for match ratios).
@@ -72,12 +79,15 @@ struct Entry {
     workers: WorkerMask,
     /// Matched or inserted since it was last queued.
     touched: bool,
+    /// The clock ([`PrefixIndex::set_clock`]) when a worker was last added.
+    stamp: u32,
 }
 
 pub struct PrefixIndex {
     map: HashMap<u64, Entry, ahash::RandomState>,
     queue: VecDeque<u64>,
     capacity: usize,
+    now: u32,
 }
 
 /// The longest indexed prefix of a request.
@@ -99,6 +109,35 @@ impl PrefixIndex {
             ),
             queue: VecDeque::with_capacity(capacity.min(1 << 16)),
             capacity: capacity.max(1),
+            now: 0,
+        }
+    }
+
+    /// The time (any monotonic unit) that inserts from now on are stamped with.
+    pub fn set_clock(&mut self, now: u32) {
+        self.now = now;
+    }
+
+    /// For every worker in `among`, how many leading blocks it was sent at or after
+    /// `since`, raised into `out[slot]` where that is deeper. Routes the engines have not
+    /// reported yet (see `kv_index`).
+    pub fn recent_depths(&self, hashes: &[u64], among: WorkerMask, since: u32, out: &mut [u16]) {
+        let mut alive = among;
+        for (i, h) in hashes.iter().enumerate() {
+            let Some(e) = self.map.get(h) else { break };
+            let still = alive & e.workers;
+            if still == 0 || e.stamp < since {
+                break;
+            }
+            alive = still;
+            let mut bits = still;
+            while bits != 0 {
+                let w = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                if let Some(d) = out.get_mut(w) {
+                    *d = (*d).max((i + 1) as u16);
+                }
+            }
         }
     }
 
@@ -161,6 +200,7 @@ impl PrefixIndex {
         if bit == 0 {
             return;
         }
+        let now = self.now;
         for &h in hashes {
             let queue = &mut self.queue;
             let e = self.map.entry(h).or_insert_with(|| {
@@ -168,8 +208,10 @@ impl PrefixIndex {
                 Entry {
                     workers: 0,
                     touched: false,
+                    stamp: 0,
                 }
             });
+            e.stamp = now;
             if e.workers & bit == 0 {
                 e.workers |= bit;
                 if let Some(f) = fresh.as_deref_mut() {
@@ -243,6 +285,40 @@ mod tests {
             );
             assert_eq!(split, whole, "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn chain_is_the_hash_block_hashes_uses() {
+        let text = "c".repeat(200);
+        let mut prev = 0;
+        let by_chain: Vec<u64> = text.as_bytes()[..192]
+            .chunks(BLOCK)
+            .map(|b| {
+                prev = chain(prev, b);
+                prev
+            })
+            .collect();
+        assert_eq!(by_chain, hashes(&text));
+    }
+
+    #[test]
+    fn recent_depths_count_only_routes_since_the_given_time() {
+        let mut idx = PrefixIndex::new(1000);
+        let h = hashes(&"r".repeat(640));
+        idx.set_clock(10);
+        idx.insert(&h[..4], 1, None);
+        idx.set_clock(20);
+        idx.insert(&h, 2, None);
+        let mut out = vec![0u16; 4];
+        idx.recent_depths(&h, worker_bit(1) | worker_bit(2), 15, &mut out);
+        assert_eq!(
+            out,
+            [0, 4, 10, 0],
+            "worker 1's stamp was refreshed by worker 2's insert"
+        );
+        let mut out = vec![0u16; 4];
+        idx.recent_depths(&h, worker_bit(1) | worker_bit(2), 25, &mut out);
+        assert_eq!(out, [0, 0, 0, 0]);
     }
 
     #[test]

@@ -73,6 +73,9 @@ pub async fn generate(req: GenerateRequest, mut respond: SendResponse<Bytes>, st
         .map(|_| nixl_prefill_answer(&cfg.name, &req.request_id, prompt_len));
     state.running.fetch_add(1, Relaxed);
     let _running = Running(state);
+    if cfg.kv_events && state.failure().is_none() {
+        state.kv_store(&input_ids);
+    }
     let failure = state.failure();
     if let Some(Failure::Status { code, message }) = &failure {
         send_status(&mut respond, *code, message);

@@ -12,6 +12,7 @@
 //! - `server`: accepting connections, gRPC framing, the unary methods.
 //! - `generate`: the Generate stream.
 //! - `bundle`: the GetTokenizer zip bundle.
+//! - `kv_events`: the KV-cache events (`SubscribeKvEvents`).
 //!
 //! ```no_run
 //! use mock_vllm::grpc::{GrpcConfig, GrpcMock};
@@ -21,6 +22,7 @@
 
 mod bundle;
 mod generate;
+mod kv_events;
 mod server;
 mod state;
 
@@ -87,6 +89,10 @@ pub struct GrpcConfig {
     /// A NIXL KV connector: a prefill leg (`do_remote_decode: true`) is answered with
     /// `kv_transfer_params_json`; without one, never.
     pub kv_connector: bool,
+    /// KV-cache events (`SubscribeKvEvents`): each Generate's whole prompt blocks are
+    /// reported stored when it is admitted; tests store, evict and skip more through
+    /// [`GrpcState`]. Without: UNIMPLEMENTED, as vLLM without `--kv-events-config`.
+    pub kv_events: bool,
 }
 
 impl Default for GrpcConfig {
@@ -105,6 +111,7 @@ impl Default for GrpcConfig {
             version: "0.32.0".into(),
             tokenizer_dir: None,
             kv_connector: true,
+            kv_events: false,
         }
     }
 }

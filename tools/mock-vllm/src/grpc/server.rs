@@ -19,7 +19,7 @@ use http::{HeaderMap, HeaderValue, Request, Response};
 use tokio::net::TcpListener;
 
 use super::state::GrpcState;
-use super::{bundle, generate};
+use super::{bundle, generate, kv_events};
 
 pub const OK: u32 = 0;
 pub const INVALID_ARGUMENT: u32 = 3;
@@ -155,6 +155,7 @@ async fn call(req: Request<RecvStream>, mut respond: SendResponse<Bytes>, state:
             state.record(|s| s.aborted.extend(ids));
             unary_reply(respond, &AbortResponse {});
         }
+        path::SUBSCRIBE_KV_EVENTS => kv_events::subscribe(respond, state.clone()).await,
         path::GET_TOKENIZER => {
             state.record(|s| s.tokenizer_calls += 1);
             let Some(dir) = cfg.tokenizer_dir.as_ref() else {

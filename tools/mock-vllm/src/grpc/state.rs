@@ -2,7 +2,9 @@
 //! time, and what it saw (Generate requests, cancelled streams, aborted ids, calls per
 //! method), read by tests through [`GrpcState::stats`].
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+
+use grpc_proto::common::{KvCacheEvent, KvEventBatch};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
@@ -55,6 +57,8 @@ pub struct GrpcStats {
     pub server_info_calls: usize,
     pub loads_calls: usize,
     pub tokenizer_calls: usize,
+    /// SubscribeKvEvents calls answered with a stream.
+    pub kv_subscriptions: usize,
     /// Generate calls running now.
     pub running: usize,
     /// Every Generate request, oldest first.
@@ -68,6 +72,10 @@ pub struct GrpcState {
     pub(super) running: AtomicUsize,
     stats: Mutex<GrpcStats>,
     shutdown: watch::Sender<bool>,
+    /// KV-event batches, to every subscriber.
+    pub(super) kv_events: tokio::sync::broadcast::Sender<KvEventBatch>,
+    /// The last sequence number published.
+    kv_sequence: AtomicU64,
 }
 
 impl GrpcState {
@@ -79,7 +87,41 @@ impl GrpcState {
             running: AtomicUsize::new(0),
             stats: Mutex::new(GrpcStats::default()),
             shutdown: watch::channel(false).0,
+            kv_events: tokio::sync::broadcast::channel(4096).0,
+            kv_sequence: AtomicU64::new(0),
         })
+    }
+
+    /// Publishes one KV-event batch (the next sequence number) to every subscriber.
+    pub fn publish_kv_events(&self, events: Vec<KvCacheEvent>) {
+        let seq = self.kv_sequence.fetch_add(1, Relaxed) + 1;
+        let _ = self.kv_events.send(KvEventBatch {
+            sequence_number: seq,
+            events,
+            dp_rank: Some(0),
+            ..Default::default()
+        });
+    }
+
+    /// Reports the whole blocks of `prompt` stored (parents first, from the prompt's start).
+    pub fn kv_store(&self, prompt: &[u32]) {
+        self.publish_kv_events(vec![super::kv_events::stored(
+            prompt,
+            self.config.block_size,
+        )]);
+    }
+
+    /// Reports the whole blocks of `prompt` evicted.
+    pub fn kv_evict(&self, prompt: &[u32]) {
+        self.publish_kv_events(vec![super::kv_events::removed(
+            prompt,
+            self.config.block_size,
+        )]);
+    }
+
+    /// Loses a batch: the next one published skips a sequence number.
+    pub fn kv_skip_sequence(&self) {
+        self.kv_sequence.fetch_add(1, Relaxed);
     }
 
     /// What HealthCheck answers from now on.
