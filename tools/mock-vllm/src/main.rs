@@ -101,6 +101,10 @@ struct Args {
     /// gRPC mode: the EOS token id.
     #[arg(long, default_value_t = 2)]
     eos_token_id: u32,
+    /// gRPC mode: stream KV-cache events (SubscribeKvEvents), each request's prompt blocks
+    /// stored as it is admitted.
+    #[arg(long)]
+    kv_events: bool,
 }
 
 fn ms(v: f64) -> Duration {
@@ -120,6 +124,7 @@ impl Args {
             inter_token_delay: ms(self.itl_ms),
             max_num_seqs: self.max_num_seqs,
             tokenizer_dir: self.tokenizer_dir.clone(),
+            kv_events: self.kv_events,
             ..GrpcConfig::default()
         }
     }
