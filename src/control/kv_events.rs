@@ -77,11 +77,17 @@ fn grpc_servers(set: &WorkerSet) -> HashMap<String, Targets> {
 async fn subscribe(url: String, targets: Targets, index: Arc<KvIndex>) {
     let mut backoff = Duration::from_millis(200);
     let mut told_no_events = false;
+    // Said once per outage, not on every retry while the engine is down.
+    let mut told_lost = false;
     loop {
         let mut feeds = Feeds::new(&index, &targets);
         let outcome = follow(&url, &mut feeds).await;
         let delivered = feeds.delivered;
         drop(feeds);
+        if delivered > 0 {
+            backoff = Duration::from_millis(200);
+            told_lost = false;
+        }
         match outcome {
             Err(GrpcError::Status { code: c, message }) if c == code::UNIMPLEMENTED => {
                 if !told_no_events {
@@ -94,17 +100,16 @@ async fn subscribe(url: String, targets: Targets, index: Arc<KvIndex>) {
                 tokio::time::sleep(NO_EVENTS_RETRY).await;
                 continue;
             }
-            Err(e) => {
+            Err(e) if !told_lost => {
+                told_lost = true;
                 tracing::warn!(worker = %url, error = %e,
                     "KV-cache events: stream lost; its workers are routed by guess until \
                      resubscribed");
             }
+            Err(e) => tracing::debug!(worker = %url, error = %e, "KV-cache events: retrying"),
             Ok(()) => {
                 tracing::warn!(worker = %url, "KV-cache events: the engine ended the stream");
             }
-        }
-        if delivered > 0 {
-            backoff = Duration::from_millis(200);
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(30));

@@ -8,6 +8,7 @@ Reads one command per line on stdin, answers one JSON object per line on stdout:
     loads   -> GetLoads summed over DP ranks: {"running": N, "waiting": N} plus
                GetServerInfo's active_requests (requests the servicer holds a Generate for)
     health  -> HealthCheck
+    server  -> GetServerInfo (block_size, data_parallel_size, ...)
 
     python grpc_probe.py 127.0.0.1:8502 [command]   (one command and exit, for a look by hand)
 """
@@ -37,6 +38,9 @@ def main() -> int:
             return {"running": sum(l.num_running_reqs for l in loads.loads),
                     "waiting": sum(l.num_waiting_reqs for l in loads.loads),
                     "active": info.active_requests}
+        if cmd == "server":
+            return MessageToDict(stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=10),
+                                 preserving_proto_field_name=True)
         if cmd == "health":
             return MessageToDict(stub.HealthCheck(pb.HealthCheckRequest(), timeout=10),
                                  preserving_proto_field_name=True)

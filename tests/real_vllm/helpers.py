@@ -346,11 +346,14 @@ class Router:
         threading.Thread(target=self._drain_stderr, daemon=True).start()
         deadline = time.monotonic() + 30
         self.url = None
+        self.metrics_url = None  # with --prometheus-port
         while self.url is None:
             line = self.proc.stdout.readline()
             if not line:
                 self.proc.wait(5)
                 raise RuntimeError("ringrouter exited before listening:\n" + "".join(self.stderr_lines))
+            if line.startswith("ringrouter metrics on "):
+                self.metrics_url = line.split()[-1]
             if line.startswith("ringrouter listening on "):
                 self.url = line.split()[-1]
             if time.monotonic() > deadline:
@@ -360,6 +363,16 @@ class Router:
     def _drain_stderr(self):
         for line in self.proc.stderr:
             self.stderr_lines.append(line)
+
+    def metric(self, name: str, labels: str = "") -> float | None:
+        """One sample of `GET /metrics` (`name{labels}`), None if absent."""
+        base = self.metrics_url.removesuffix("/metrics")
+        text = get(base, "/metrics", timeout=10).body.decode()
+        want = f"{name}{{{labels}}} " if labels else f"{name} "
+        for line in text.splitlines():
+            if line.startswith(want):
+                return float(line.split()[-1])
+        return None
 
     def log(self) -> str:
         return "".join(self.stderr_lines)

@@ -88,15 +88,17 @@ status=0
 "$PY" -m pytest -q tests/real_vllm "$@" || status=$?
 echo "real-vLLM group: $(( $(date +%s) - t2 )) s of tests"
 
-# gRPC phase: the second port's server becomes a gRPC engine (SMG_VLLM_SERVICER_KV_EVENTS=0:
-# the servicer would otherwise publish KV events on a ZMQ socket bound to all interfaces).
+# gRPC phase: the second port's server becomes a gRPC engine, publishing its KV-cache events
+# on an ipc:// socket (the servicer's default would bind a TCP port on all interfaces).
 if [ "${REAL_VLLM_GRPC:-1}" = 1 ]; then
   t3=$(date +%s)
   G=${PORTS[1]}
   VLLM_PORT_HTTP=$G "$CTL" stop >/dev/null 2>&1 || true
+  mkdir -p "$VLLM_ROOT/tmp"
+  KV_EVENTS="{\"enable_kv_cache_events\":true,\"publisher\":\"zmq\",\"endpoint\":\"ipc://$VLLM_ROOT/tmp/kv-events-$G\"}"
   # shellcheck disable=SC2086
-  if ! SMG_VLLM_SERVICER_KV_EVENTS=0 VLLM_PORT_HTTP=$G "$CTL" start --grpc $START_ARGS \
-      >"$VLLM_ROOT/start-$G-grpc.out" 2>&1; then
+  if ! VLLM_PORT_HTTP=$G "$CTL" start --grpc $START_ARGS --kv-events-config "$KV_EVENTS" \
+    >"$VLLM_ROOT/start-$G-grpc.out" 2>&1; then
     echo "real vLLM (gRPC) on port $G did not start:" >&2
     cat "$VLLM_ROOT/start-$G-grpc.out" >&2
     exit 1

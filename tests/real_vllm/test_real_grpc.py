@@ -28,8 +28,8 @@ import openai
 import pytest
 
 from grpc_env import EXTERNAL, FRONTEND, GRPC_LOG, GRPC_URL, TOKENIZER, grpc_python, start_frontend
-from helpers import (Conn, GrpcProbe, build_request, canonical_events, get, normalise_value, post,
-                     wait_for)
+from helpers import (Conn, GrpcProbe, Router, build_request, canonical_events, get,
+                     normalise_value, post, wait_for)
 
 SEED = 1234
 # How long the engine may keep running a request after its client left (the request would
@@ -515,3 +515,55 @@ def test_tokenizer_fetched_from_the_engine(a, model, clients):
         assert not differ, "\n".join(differ)
     finally:
         f.stop()
+
+
+# ------------------------------------------------------------------------------------------
+# KV-cache events: the engine's own account of its prefix cache steers cache_aware routing.
+# run.sh starts the engine with --kv-events-config (ZMQ on an ipc:// socket).
+
+
+def test_the_engines_kv_events_steer_cache_aware_routing(front, front_model, probe):
+    if FRONTEND not in ("", "ringrouter") or EXTERNAL or not TOKENIZER:
+        pytest.skip("a ringrouter feature")
+    block = int(probe.ask("server")["block_size"])
+    worker = f'worker="{GRPC_URL}"'
+    watcher = Router([GRPC_URL], "--model-path", TOKENIZER, "--policy", "cache_aware",
+                     "--prometheus-port", "0")
+    try:
+        held = lambda: watcher.metric("ringrouter_kv_cache_blocks", worker)
+
+        def through(f, prompt: str) -> int:
+            r = post(f.url, "/v1/completions", {"model": front_model, "prompt": prompt,
+                                                 "max_tokens": 1, "temperature": 0})
+            assert r.status == 200, r.body
+            return r.json()["usage"]["prompt_tokens"]
+
+        # Prompts no earlier test sent: every block is new to the engine, so it reports them.
+        tag = f"run {time.time_ns()}: "
+        # The watcher is following once the engine's report of a request reaches it (a
+        # request stored before it subscribed is not reported to it: send until one is).
+        warm = iter(range(1000))
+
+        def following() -> bool:
+            through(front, f"{tag}warm up {next(warm)}. " + "the watcher. " * 40)
+            time.sleep(0.5)
+            return held() is not None
+
+        wait_for(following, 30, what="the watcher follows the engine's KV events (is the engine "
+                 "started with --kv-events-config, as run.sh does?)")
+        before = held()
+        # The module's front end sends a prompt; the watcher never routed it.
+        a = tag + "The five boxing wizards jump quickly over the lazy dog. " * 50
+        n = through(front, a)
+        wait_for(lambda: held() - before >= n // block, 20,
+                 what=f"{n // block} blocks of {block} tokens reported stored")
+        assert held() - before == n // block, "each whole prompt block once"
+        # The same prompt, longer, through the watcher: only the engine's report can say the
+        # engine holds its prefix (the watcher's own routing history is empty of it).
+        hits = watcher.metric("vllm_router_cache_hits_total") or 0
+        through(watcher, a + "And then something else entirely. " * 10)
+        assert watcher.metric("vllm_router_cache_hits_total") == hits + 1, watcher.log()[-2000:]
+        # The new blocks hang off the prefix's (parent hashes followed, nothing stored twice).
+        wait_for(lambda: held() - before > n // block, 20, what="the longer prompt's blocks")
+    finally:
+        watcher.stop()
