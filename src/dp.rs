@@ -4,7 +4,9 @@
 //! with a rank are kept as given (a node that owns global ranks 4..7 is `@4` .. `@7`).
 //!
 //! How many ranks a server runs: at start, its `/get_server_info` `dp_size` if it answers
-//! (SGLang does; vLLM answers 404, so the flag's value is the normal case, and is logged).
+//! (SGLang does; vLLM answers 404, so the flag's value is the normal case, and is logged);
+//! for a gRPC engine (`grpc://`), `GetServerInfo`'s `data_parallel_size`, which vLLM fills.
+//! A gRPC engine's ranks are sent as `data_parallel_rank` in each `GenerateRequest`.
 //! Workers added at run time (admin API, discovery) get the flag's value without a probe
 //! (`Registry::add_server`).
 
@@ -28,9 +30,14 @@ pub fn expand(flag: &str, urls: &[String], size: u32) -> Vec<String> {
             out.push(url.to_string());
             continue;
         }
-        let n = match server_dp_size(url) {
+        let (asked, answer) = if url.starts_with("grpc://") {
+            ("GetServerInfo", engine_dp_size(url))
+        } else {
+            ("/get_server_info", server_dp_size(url))
+        };
+        let n = match answer {
             Ok(n) => {
-                tracing::info!(worker = %url, dp_size = n, "data-parallel size from /get_server_info");
+                tracing::info!(worker = %url, dp_size = n, "data-parallel size from {asked}");
                 n
             }
             Err(why) => {
@@ -38,7 +45,7 @@ pub fn expand(flag: &str, urls: &[String], size: u32) -> Vec<String> {
                     worker = %url,
                     dp_size = size,
                     reason = %why,
-                    "no dp_size from /get_server_info: using {flag} {size} (fallback)"
+                    "no data-parallel size from {asked}: using {flag} {size} (fallback)"
                 );
                 size
             }
@@ -46,6 +53,19 @@ pub fn expand(flag: &str, urls: &[String], size: u32) -> Vec<String> {
         out.extend((0..n).map(|r| format!("{url}@{r}")));
     }
     out
+}
+
+/// The `data_parallel_size` a gRPC engine reports (`GetServerInfo`).
+fn engine_dp_size(url: &str) -> Result<u32, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let info = rt.block_on(crate::control::engine::server_info(url, PROBE_TIMEOUT))?;
+    match info.data_parallel_size {
+        n if n >= 1 => Ok(n as u32),
+        n => Err(format!("data_parallel_size {n}")),
+    }
 }
 
 /// The `dp_size` a server reports on `GET /get_server_info`.

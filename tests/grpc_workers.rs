@@ -959,3 +959,57 @@ fn an_engine_without_kv_events_is_routed_by_guess_and_says_so_once() {
     assert_eq!(kv_blocks(&r, &e.url()), None);
     assert_eq!(e.stats().kv_subscriptions, 0);
 }
+
+// ---- data parallelism ---------------------------------------------------------------
+
+fn ranks_seen(e: &GrpcMock) -> Vec<Option<i32>> {
+    e.stats()
+        .requests
+        .iter()
+        .map(|s| s.data_parallel_rank)
+        .collect()
+}
+
+#[test]
+fn an_engines_data_parallel_ranks_are_targets_pinned_by_data_parallel_rank() {
+    // The flag says 4, the engine says 2 (GetServerInfo): the engine is believed.
+    let e = engine(|c| c.data_parallel_size = 2);
+    let r = router(
+        &[e.url()],
+        &[
+            "--intra-node-data-parallel-size",
+            "4",
+            "--policy",
+            "round_robin",
+        ],
+    );
+    for _ in 0..4 {
+        assert_eq!(complete_ids(&r, &token_prompt(1)).status, 200);
+    }
+    let mut ranks = ranks_seen(&e);
+    ranks.sort();
+    assert_eq!(ranks, [Some(0), Some(0), Some(1), Some(1)]);
+    let workers = call(&r, "GET", "/workers", "").json();
+    let urls: Vec<&str> = workers["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["url"].as_str().unwrap())
+        .collect();
+    assert_eq!(urls, [format!("{}@0", e.url()), format!("{}@1", e.url())]);
+}
+
+#[test]
+fn an_explicit_rank_is_kept_and_a_rankless_grpc_worker_lets_the_engine_balance() {
+    let ranked = engine(|c| c.data_parallel_size = 8);
+    let plain = engine(|_| {});
+    let r = router(
+        &[format!("{}@5", ranked.url()), plain.url()],
+        &["--policy", "round_robin"],
+    );
+    for _ in 0..4 {
+        assert_eq!(complete_ids(&r, &token_prompt(2)).status, 200);
+    }
+    assert_eq!(ranks_seen(&ranked), [Some(5), Some(5)]);
+    assert_eq!(ranks_seen(&plain), [None, None]);
+}

@@ -63,6 +63,7 @@ pub async fn generate(req: GenerateRequest, mut respond: SendResponse<Bytes>, st
             max_tokens: sp.max_tokens,
             n: sp.n,
             kv_transfer_params_json: req.kv_transfer_params_json.clone(),
+            data_parallel_rank: req.data_parallel_rank,
         })
     });
     // A NIXL prefill leg (`do_remote_decode: true`) answers with what the decode side needs.

@@ -82,6 +82,8 @@ pub struct GrpcConfig {
     pub max_num_seqs: usize,
     /// `GetServerInfo.block_size`: the KV block size in tokens.
     pub block_size: u32,
+    /// `GetServerInfo.data_parallel_size` (and GetLoads' rank count).
+    pub data_parallel_size: u32,
     /// `GetLoads.version`: the vLLM version.
     pub version: String,
     /// The directory GetTokenizer zips (its plain files); None: FAILED_PRECONDITION.
@@ -108,6 +110,7 @@ impl Default for GrpcConfig {
             inter_token_delay: Duration::ZERO,
             max_num_seqs: 256,
             block_size: 16,
+            data_parallel_size: 1,
             version: "0.32.0".into(),
             tokenizer_dir: None,
             kv_connector: true,

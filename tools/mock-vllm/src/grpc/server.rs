@@ -120,7 +120,7 @@ async fn call(req: Request<RecvStream>, mut respond: SendResponse<Bytes>, state:
                 &GetServerInfoResponse {
                     active_requests: state.running.load(Relaxed) as u32,
                     server_type: "vllm-grpc".into(),
-                    data_parallel_size: 1,
+                    data_parallel_size: cfg.data_parallel_size as i32,
                     block_size: cfg.block_size as i32,
                     max_num_seqs: cfg.max_num_seqs as i32,
                     ..Default::default()

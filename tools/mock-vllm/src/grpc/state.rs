@@ -39,6 +39,8 @@ pub struct SeenRequest {
     pub n: u32,
     /// `kv_transfer_params_json` as sent (P/D legs).
     pub kv_transfer_params_json: Option<String>,
+    /// The rank the request was pinned to, if any.
+    pub data_parallel_rank: Option<i32>,
 }
 
 /// What the engine saw so far.
