@@ -602,13 +602,37 @@ fn an_engine_silent_mid_stream_is_cut_by_the_idle_timeout() {
 }
 
 #[test]
-fn loads_are_polled_with_get_loads() {
+fn loads_and_health_are_polled_on_one_kept_connection() {
     let e = engine(|_| {});
-    let _r = router(&[e.url()], &["--load-scrape-interval-ms", "100"]);
+    // power_of_two reads load and keeps no prefix index (so no KV-event subscription).
+    let _r = router(
+        &[e.url()],
+        &[
+            "--load-scrape-interval-ms",
+            "100",
+            "--health-check-interval-secs",
+            "1",
+            "--policy",
+            "power_of_two",
+        ],
+    );
     assert!(
         eventually(Duration::from_secs(3), || e.stats().loads_calls >= 2),
         "{:?}",
         e.stats()
+    );
+    let (loads, checks, connections) = {
+        let s = e.stats();
+        (s.loads_calls, s.health_checks, s.connections)
+    };
+    assert!(eventually(Duration::from_secs(5), || {
+        let s = e.stats();
+        s.loads_calls >= loads + 10 && s.health_checks > checks
+    }));
+    assert_eq!(
+        e.stats().connections,
+        connections,
+        "polls open no new connections"
     );
 }
 

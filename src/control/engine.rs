@@ -35,6 +35,48 @@ pub async fn connect(url: &str) -> Result<(SendRequest<Bytes>, String), String> 
     Ok((send, w.authority))
 }
 
+thread_local! {
+    /// The periodic calls' connections (health, load), one per worker URL, on the control
+    /// thread's runtime: a poll is a stream on an open connection, not a TCP and HTTP/2
+    /// handshake the engine's Python server has to serve each time.
+    static KEPT: std::cell::RefCell<std::collections::HashMap<String, (SendRequest<Bytes>, String)>> =
+        Default::default();
+}
+
+/// A unary call on the kept connection to `url` (made if there is none). A kept connection
+/// that fails before an answer is dropped and the call made once more on a new one.
+async fn kept_unary<M: grpc_proto::Message, R: grpc_proto::Message + Default>(
+    url: &str,
+    path: &str,
+    msg: &M,
+) -> Result<R, String> {
+    // A server's data-parallel ranks share its connection.
+    let key = shards::route::host_url(url);
+    for attempt in 0..2 {
+        let kept = KEPT.with(|k| k.borrow().get(key).cloned());
+        let fresh = kept.is_none();
+        let (send, authority) = match kept {
+            Some(c) => c,
+            None => {
+                let c = connect(url).await?;
+                KEPT.with(|k| k.borrow_mut().insert(key.to_string(), c.clone()));
+                c
+            }
+        };
+        match unary(&send, &authority, path, msg).await {
+            Ok(r) => return Ok(r),
+            Err(e @ shards::grpc::GrpcError::Transport(_)) => {
+                KEPT.with(|k| k.borrow_mut().remove(key));
+                if fresh || attempt == 1 {
+                    return Err(e.to_string());
+                }
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    unreachable!("the second attempt returns")
+}
+
 async fn within<T>(
     timeout: Duration,
     what: &str,
@@ -52,15 +94,9 @@ async fn within<T>(
 /// One health check: `HealthCheck` answering `healthy: true`.
 pub async fn check(url: &str, timeout: Duration) -> Result<(), String> {
     within(timeout, "HealthCheck", async {
-        let (send, authority) = connect(url).await?;
-        let r: HealthCheckResponse = unary(
-            &send,
-            &authority,
-            path::HEALTH_CHECK,
-            &HealthCheckRequest {},
-        )
-        .await
-        .map_err(|e| format!("HealthCheck: {e}"))?;
+        let r: HealthCheckResponse = kept_unary(url, path::HEALTH_CHECK, &HealthCheckRequest {})
+            .await
+            .map_err(|e| format!("HealthCheck: {e}"))?;
         if r.healthy {
             Ok(())
         } else {
@@ -74,14 +110,11 @@ pub async fn check(url: &str, timeout: Duration) -> Result<(), String> {
 /// rank `rank` only.
 pub async fn loads(url: &str, rank: Option<u32>, timeout: Duration) -> Option<LoadGauges> {
     within(timeout, "GetLoads", async {
-        let (send, authority) = connect(url).await?;
         let req = GetLoadsRequest {
             dp_rank: rank.map(|r| r as i32),
             include: vec!["core".into()],
         };
-        let r: GetLoadsResponse = unary(&send, &authority, path::GET_LOADS, &req)
-            .await
-            .map_err(|e| e.to_string())?;
+        let r: GetLoadsResponse = kept_unary(url, path::GET_LOADS, &req).await?;
         Ok(gauges(&r, rank))
     })
     .await

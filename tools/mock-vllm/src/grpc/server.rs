@@ -42,6 +42,7 @@ pub async fn serve(listener: TcpListener, state: Arc<GrpcState>) {
             _ = shutdown.changed() => return,
         };
         let _ = tcp.set_nodelay(true);
+        state.record(|s| s.connections += 1);
         let state = state.clone();
         let mut conn_shutdown = state.shutdown_signal();
         tokio::spawn(async move {

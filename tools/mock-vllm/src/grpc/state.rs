@@ -59,6 +59,8 @@ pub struct GrpcStats {
     pub server_info_calls: usize,
     pub loads_calls: usize,
     pub tokenizer_calls: usize,
+    /// TCP connections accepted.
+    pub connections: usize,
     /// SubscribeKvEvents calls answered with a stream.
     pub kv_subscriptions: usize,
     /// Generate calls running now.
