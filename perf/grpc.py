@@ -4,7 +4,9 @@
 - `vllm-http`:  vLLM's own API server (`vllm serve MODEL`), loadgen straight to it;
 - `ringrouter`: ringrouter -> gRPC engine (`vllm serve MODEL --grpc`), the router tokenizing,
                 applying the chat template and detokenizing;
-- `smg`:        smg (PyPI `smg`, Shepherd Model Gateway 1.13) -> the same gRPC engine.
+- `smg`:        smg (PyPI `smg`, Shepherd Model Gateway 1.13) -> the same gRPC engine;
+- `ringrouter-1shard` (not by default): ringrouter with `--shards 1`, one thread and one
+                connection to the engine, to tell the router's thread count from the rest.
 
 Load: tools/loadgen, closed loop, streamed requests (chat by default), short prompts, 16
 output tokens (ignore_eos), at concurrency 1 and 16; each cell a fixed number of requests
@@ -56,7 +58,8 @@ CTL = ROOT / "tools" / "real-vllm" / "real-vllm.sh"
 HOST = "127.0.0.1"
 SMG_VERSION = "1.13.0"
 SMG_VENV = PERF / ".venv-smg"
-ALL_TARGETS = ["vllm-http", "ringrouter", "smg"]
+ALL_TARGETS = ["vllm-http", "ringrouter", "smg", "ringrouter-1shard"]
+DEFAULT_TARGETS = ALL_TARGETS[:3]
 
 
 def log(msg: str) -> None:
@@ -241,11 +244,12 @@ def spawn_front(name: str, cmd: list, port: int, engine: Engine, logdir: Path) -
     return f
 
 
-def ringrouter(bindir: Path, engine: Engine, logdir: Path) -> Front:
+def ringrouter(bindir: Path, engine: Engine, logdir: Path, name: str = "ringrouter",
+               extra: tuple[str, ...] = ()) -> Front:
     port = harness.free_port()
     cmd = [bindir / "ringrouter", "--host", HOST, "--port", port, "--worker-urls", engine.url,
-           "--model-path", engine.tok_dir, "--no-pin-cores"]
-    return spawn_front("ringrouter", cmd, port, engine, logdir)
+           "--model-path", engine.tok_dir, "--no-pin-cores", *extra]
+    return spawn_front(name, cmd, port, engine, logdir)
 
 
 def smg(exe: str, engine: Engine, logdir: Path) -> Front:
@@ -358,7 +362,7 @@ def render(fronts, concs, counts, records, args, info, engines) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--targets", default=",".join(ALL_TARGETS), help="of " + ",".join(ALL_TARGETS))
+    ap.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="of " + ",".join(ALL_TARGETS))
     ap.add_argument("--http-url", help="an HTTP engine already running (default: start one on --ports[0])")
     ap.add_argument("--grpc-url", help="a gRPC engine already running, grpc://HOST:PORT "
                     "(default: start one on --ports[1])")
@@ -410,11 +414,13 @@ def main(argv=None) -> int:
             try:
                 if name == "vllm-http":
                     fronts.append(vllm_http(engines[0]))
-                elif name == "ringrouter":
+                elif name.startswith("ringrouter"):
                     if not (args.bindir / "ringrouter").exists():
                         log(f"SKIP ringrouter: no binary in {args.bindir}")
                         continue
-                    fronts.append(ringrouter(args.bindir, engines[1], logdir))
+                    # ringrouter-1shard: one shard thread, one connection to the engine.
+                    extra = ("--shards", "1") if name == "ringrouter-1shard" else ()
+                    fronts.append(ringrouter(args.bindir, engines[1], logdir, name, extra))
                 elif name == "smg":
                     exe = ensure_smg(args.smg)
                     if exe:
