@@ -311,7 +311,8 @@ def measure(args, f: Front, conc: int, n: int) -> dict:
     done = res["requests"]["ok"] if isinstance(res["requests"], dict) and "ok" in res["requests"] else (
         res["requests"]["total"] if isinstance(res["requests"], dict) else res["requests"])
     ttft = res["latency_us"]["ttft"]
-    rec.update({"ttft_p50_us": ttft["p50"], "ttft_p99_us": ttft["p99"], "rps": res["requests_per_sec"],
+    rec.update({"ttft_p50_us": ttft["p50"], "ttft_p90_us": ttft.get("p90"), "ttft_p99_us": ttft["p99"],
+                "rps": res["requests_per_sec"],
                 "errors": res["errors"]["total"], "done": done, "front_pids": fpids,
                 "engine_main_pid": main, "engine_core_pids": core})
     if done:

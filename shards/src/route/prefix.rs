@@ -79,7 +79,9 @@ struct Entry {
     workers: WorkerMask,
     /// Matched or inserted since it was last queued.
     touched: bool,
-    /// The clock ([`PrefixIndex::set_clock`]) when a worker was last added.
+    /// The clock ([`PrefixIndex::set_clock`]) at the last insert (of any worker: one stamp
+    /// per entry, so a worker sent the block long ago counts as recent while another was
+    /// sent it since; an over-estimate bounded by the caller's window).
     stamp: u32,
 }
 
