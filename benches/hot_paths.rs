@@ -12,6 +12,7 @@ use shards::body::{check_nesting, parse_fields};
 use shards::http::{ChunkedDecoder, RequestHead};
 use shards::pd::splice::{KvTransferParams, ObjectIndex};
 use shards::route::key::routing_text;
+use shards::route::kv_index::{EngineBlocks, KvIndex, StoredBlock};
 use shards::route::prefix::{block_hashes, PrefixIndex};
 use shards::route::ring::HashRing;
 use shards::route::{Policy, PolicyConfig, RouteInput, Selector, WorkerSet};
@@ -193,6 +194,36 @@ fn prefix(c: &mut Criterion) {
     let set = WorkerSet::from_urls(&names).unwrap();
     let mut sel = Selector::new(PolicyConfig::new(Policy::CacheAware), 0, &set, board, None);
     c.bench_function("cache_aware_select_2k_16_workers", |b| {
+        b.iter(|| {
+            let input = RouteInput {
+                session_key: None,
+                text: &text,
+            };
+            black_box(sel.candidates(&input).next())
+        })
+    });
+    // gRPC engines feeding the index with their KV events: all 16 workers event-fed, one
+    // holding the prompt's blocks (the 2 KB body read as token ids, 16 per block).
+    let kv = Arc::new(KvIndex::new(16));
+    let engines: Vec<EngineBlocks> = (0..16).map(|w| EngineBlocks::new(&kv, w)).collect();
+    let ids: Vec<u32> = body
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let blocks: Vec<StoredBlock> = ids
+        .chunks_exact(16)
+        .enumerate()
+        .map(|(i, t)| StoredBlock {
+            engine_hash: i as i64,
+            token_ids: t,
+        })
+        .collect();
+    let mut holder = engines.into_iter().nth(3).unwrap();
+    holder.stored(&kv, None, &blocks);
+    let board = Arc::new(LoadBoard::new(2, 16));
+    let mut sel = Selector::new(PolicyConfig::new(Policy::CacheAware), 0, &set, board, None);
+    sel.set_kv_index(kv);
+    c.bench_function("cache_aware_select_2k_16_workers_kv_events", |b| {
         b.iter(|| {
             let input = RouteInput {
                 session_key: None,

@@ -19,8 +19,6 @@ use shards::route::kv_index::{EngineBlocks, KvIndex, StoredBlock};
 use shards::route::{Protocol, WorkerSet};
 use shards::sync::Directory;
 
-/// How often the worker set is looked at for servers to subscribe to or drop.
-const WATCH_EVERY: Duration = Duration::from_millis(250);
 /// Before asking an engine without events again.
 const NO_EVENTS_RETRY: Duration = Duration::from_secs(60);
 
@@ -28,8 +26,12 @@ const NO_EVENTS_RETRY: Duration = Duration::from_secs(60);
 type Targets = Vec<(Option<u32>, usize)>;
 
 /// Keeps one subscription per gRPC server in the current worker set, for as long as the
-/// process runs.
-pub async fn run(directory: Arc<Directory>, index: Arc<KvIndex>) {
+/// process runs; `published` says when the set changed.
+pub async fn run(
+    directory: Arc<Directory>,
+    mut published: tokio::sync::watch::Receiver<u64>,
+    index: Arc<KvIndex>,
+) {
     let mut subs: HashMap<String, (Targets, tokio::task::JoinHandle<()>)> = HashMap::new();
     let mut seen: Option<u64> = None;
     loop {
@@ -52,7 +54,9 @@ pub async fn run(directory: Arc<Directory>, index: Arc<KvIndex>) {
             }
             seen = Some(set.epoch);
         }
-        tokio::time::sleep(WATCH_EVERY).await;
+        if published.changed().await.is_err() {
+            return;
+        }
     }
 }
 

@@ -129,7 +129,11 @@ async fn run(mut c: Control, ready: std::sync::mpsc::Sender<Result<(), String>>)
         ));
     }
     if let Some(index) = c.kv_index.take() {
-        tokio::spawn(kv_events::run(c.directory.clone(), index));
+        tokio::spawn(kv_events::run(
+            c.directory.clone(),
+            c.registry.subscribe(),
+            index,
+        ));
     }
     let (scrape_tx, mut scrapes) = tokio::sync::mpsc::unbounded_channel();
     let prometheus = c.prometheus.take().map(|(listener, sources)| {

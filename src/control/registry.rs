@@ -68,6 +68,8 @@ pub struct Registry {
     /// `--intra-node-data-parallel-size`: how many ranks a rank-less URL added at run time
     /// (admin API, discovery) becomes; 1 leaves URLs as given.
     dp_size: u32,
+    /// The epoch of the last published set, for control-plane tasks that follow the set.
+    published: tokio::sync::watch::Sender<u64>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -95,7 +97,13 @@ impl Registry {
             entries: Vec::new(),
             epoch,
             dp_size: 1,
+            published: tokio::sync::watch::channel(epoch).0,
         }
+    }
+
+    /// Changes whenever a new worker set is published.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.published.subscribe()
     }
 
     /// Sets how many data-parallel ranks a rank-less URL added at run time becomes
@@ -315,6 +323,7 @@ impl Registry {
             .map(|e| e.worker.clone())
             .collect();
         self.directory.publish(WorkerSet::new(self.epoch, members));
+        self.published.send_replace(self.epoch);
     }
 
     /// In-flight requests on `w` from every shard.
