@@ -225,10 +225,17 @@ impl Selector {
     fn depths(&mut self, fed: Option<(WorkerMask, u32)>) {
         let slot_count = self.slots.last().map_or(0, |&s| s + 1);
         let idx = self.prefix.as_mut().expect("prefix index");
-        idx.depths(&self.hashes, slot_count, &mut self.depth);
         let (Some((exact, now)), Some(kv)) = (fed, self.kv.as_ref()) else {
+            idx.depths(&self.hashes, slot_count, &mut self.depth);
             return;
         };
+        if self.slots.iter().all(|&s| exact & worker_bit(s) != 0) {
+            // Every worker is event-fed: no guess to read.
+            self.depth.clear();
+            self.depth.resize(slot_count, 0);
+        } else {
+            idx.depths(&self.hashes, slot_count, &mut self.depth);
+        }
         let mut bits = exact;
         while bits != 0 {
             let s = bits.trailing_zeros() as usize;
