@@ -133,6 +133,8 @@ pub struct Selector {
     shard: usize,
     /// The slot of each routable worker, by position in the current worker set.
     slots: Vec<usize>,
+    /// The same slots as bits.
+    members: WorkerMask,
     cursor: usize,
     rng: fastrand::Rng,
     ring: Option<HashRing>,
@@ -165,6 +167,7 @@ impl Selector {
         let mut s = Selector {
             shard,
             slots: Vec::new(),
+            members: 0,
             cursor: shard,
             rng: fastrand::Rng::new(),
             ring: None,
@@ -200,6 +203,7 @@ impl Selector {
             let names: Vec<&str> = workers.iter().map(|w| w.url.as_str()).collect();
             self.ring = Some(HashRing::new(&names));
         }
+        self.members = slots.iter().fold(0, |m, &s| m | worker_bit(s));
         self.slots = slots;
     }
 
@@ -213,9 +217,11 @@ impl Selector {
         self.kv = Some(kv);
     }
 
-    /// Workers fed by KV events, and the clock now (ms), when any are.
+    /// This selector's workers fed by KV events, and the clock now (ms), when any are. (The
+    /// index serves every selector: in P/D mode the prefill workers are fed too, and a
+    /// worker that just left the set may still be.)
     fn event_fed(&self) -> Option<(WorkerMask, u32)> {
-        let exact = self.kv.as_ref()?.exact();
+        let exact = self.kv.as_ref()?.exact() & self.members;
         (exact != 0).then(|| (exact, self.clock.elapsed().as_millis() as u32))
     }
 
@@ -322,8 +328,8 @@ impl Selector {
         c
     }
 
-    /// The least loaded of `among` (slot bits; all workers when 0), ties broken at random
-    /// so that cold requests spread. Returns a position.
+    /// The least loaded of `among` (slot bits; all workers when 0, or when none of them is
+    /// a member), ties broken at random so that cold requests spread. Returns a position.
     fn least_loaded(&mut self, among: WorkerMask) -> usize {
         let mut best = usize::MAX;
         let mut best_load = u64::MAX;
@@ -344,6 +350,11 @@ impl Selector {
                     best = w;
                 }
             }
+        }
+        if best == usize::MAX && among != 0 {
+            // None of `among` is in the set any more (a prefix another shard recorded for a
+            // worker that has just left): any worker will do.
+            return self.least_loaded(0);
         }
         best
     }
@@ -396,7 +407,7 @@ impl Selector {
         }
         let m = if fed.is_some() {
             self.depths(fed);
-            deepest(&self.depth)
+            deepest(&self.depth, self.members)
         } else {
             let idx = self.prefix.as_mut().expect("prefix index");
             idx.longest_match(&self.hashes)
@@ -466,13 +477,20 @@ impl Selector {
     }
 }
 
-/// The deepest prefix in `depth` (by slot) and the workers holding it.
-fn deepest(depth: &[u16]) -> PrefixMatch {
-    let blocks = depth.iter().copied().max().unwrap_or(0);
+/// The deepest prefix in `depth` (by slot) among `members` and the members holding it.
+fn deepest(depth: &[u16], members: WorkerMask) -> PrefixMatch {
+    let member = |slot: usize| members & worker_bit(slot) != 0;
+    let blocks = depth
+        .iter()
+        .enumerate()
+        .filter(|&(slot, _)| member(slot))
+        .map(|(_, &d)| d)
+        .max()
+        .unwrap_or(0);
     let mut workers: WorkerMask = 0;
     if blocks > 0 {
         for (slot, &d) in depth.iter().enumerate() {
-            if d == blocks {
+            if d == blocks && member(slot) {
                 workers |= worker_bit(slot);
             }
         }
@@ -731,6 +749,67 @@ mod tests {
             store(&kv, &mut engines[1], 20);
             s.clock -= std::time::Duration::from_millis(PENDING_MS as u64 + 1_000);
             assert_eq!(first(&mut s, &input), 1, "{policy}");
+        }
+    }
+
+    #[test]
+    fn a_prefix_recorded_only_for_a_worker_that_left_falls_back_to_the_least_loaded() {
+        // Another shard routed to slot 3 before it saw the epoch that removed it; its
+        // insert reaches this shard after this shard forgot slot 3.
+        let (mut s, _) = selector(Policy::CacheAware, 4);
+        let names: Vec<String> = (0..4).map(|i| format!("http://10.0.0.{i}:8000")).collect();
+        let all = WorkerSet::from_urls(&names).unwrap();
+        s.set_workers(&WorkerSet::new(
+            1,
+            all.iter().filter(|w| w.slot != 3).cloned().collect(),
+        ));
+        let p = prompt(5, 0);
+        let text = [p.as_bytes()];
+        let mut hashes = Vec::new();
+        block_hashes(&text, &mut hashes);
+        s.prefix.as_mut().unwrap().insert(&hashes, 3, None);
+        let input = RouteInput {
+            session_key: None,
+            text: &text,
+        };
+        assert!(first(&mut s, &input) < 3);
+    }
+
+    #[test]
+    fn blocks_held_by_workers_outside_the_set_do_not_steer_it() {
+        // P/D: the decode selector routes over slots 2 and 3 while the prefill worker in
+        // slot 0 is event-fed and holds the prompt.
+        use crate::route::kv_index::{EngineBlocks, KvIndex, StoredBlock};
+        let names: Vec<String> = (0..4).map(|i| format!("grpc://10.0.0.{i}:8000")).collect();
+        let all = WorkerSet::from_urls(&names).unwrap();
+        let decode = WorkerSet::new(1, all.iter().filter(|w| w.slot >= 2).cloned().collect());
+        for policy in [Policy::CacheAware, Policy::LoadAware] {
+            let board = Arc::new(LoadBoard::new(1, 4));
+            let mut s = Selector::new(PolicyConfig::new(policy), 0, &decode, board, None);
+            let kv = Arc::new(KvIndex::new(4));
+            s.set_kv_index(kv.clone());
+            let prompt: Vec<u32> = (7..71).collect();
+            let mut prefill = EngineBlocks::new(&kv, 0);
+            let blocks: Vec<StoredBlock> = prompt
+                .chunks(16)
+                .enumerate()
+                .map(|(i, t)| StoredBlock {
+                    engine_hash: i as i64,
+                    token_ids: t,
+                })
+                .collect();
+            prefill.stored(&kv, None, &blocks);
+            let _decode_fed = EngineBlocks::new(&kv, 3);
+            let bytes = token_text(&prompt);
+            let text = [&bytes[..]];
+            let input = RouteInput {
+                session_key: None,
+                text: &text,
+            };
+            for _ in 0..20 {
+                let w = first(&mut s, &input);
+                assert!(w < 2, "{policy}: position {w} of the two decode workers");
+            }
         }
     }
 
