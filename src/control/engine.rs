@@ -77,6 +77,22 @@ async fn kept_unary<M: grpc_proto::Message, R: grpc_proto::Message + Default>(
     unreachable!("the second attempt returns")
 }
 
+/// `f` (a call on the kept connection to `url`) within `timeout`. A call that fails or
+/// times out drops the kept connection, so a connection that went silent (a peer gone
+/// without a reset) is not asked again and again.
+async fn kept_within<T>(
+    url: &str,
+    timeout: Duration,
+    what: &str,
+    f: impl std::future::Future<Output = Result<T, String>>,
+) -> Result<T, String> {
+    let r = within(timeout, what, f).await;
+    if r.is_err() {
+        KEPT.with(|k| k.borrow_mut().remove(shards::route::host_url(url)));
+    }
+    r
+}
+
 async fn within<T>(
     timeout: Duration,
     what: &str,
@@ -93,7 +109,7 @@ async fn within<T>(
 
 /// One health check: `HealthCheck` answering `healthy: true`.
 pub async fn check(url: &str, timeout: Duration) -> Result<(), String> {
-    within(timeout, "HealthCheck", async {
+    let kept = kept_within(url, timeout, "HealthCheck", async {
         let r: HealthCheckResponse = kept_unary(url, path::HEALTH_CHECK, &HealthCheckRequest {})
             .await
             .map_err(|e| format!("HealthCheck: {e}"))?;
@@ -102,14 +118,14 @@ pub async fn check(url: &str, timeout: Duration) -> Result<(), String> {
         } else {
             Err(format!("HealthCheck: unhealthy: {}", r.message))
         }
-    })
-    .await
+    });
+    kept.await
 }
 
 /// The engine's load, as `GetLoads` reports it: summed over its data-parallel ranks, or of
 /// rank `rank` only.
 pub async fn loads(url: &str, rank: Option<u32>, timeout: Duration) -> Option<LoadGauges> {
-    within(timeout, "GetLoads", async {
+    kept_within(url, timeout, "GetLoads", async {
         let req = GetLoadsRequest {
             dp_rank: rank.map(|r| r as i32),
             include: vec!["core".into()],
