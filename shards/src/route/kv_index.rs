@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::RwLock;
 
-use super::prefix::{chain, worker_bit, WorkerMask, BLOCK};
+use super::prefix::{chain, worker_bit, WorkerMask, BLOCK, MAX_BLOCKS};
 
 /// Tokens per router hash.
 pub const TOKENS_PER_HASH: usize = BLOCK / 4;
@@ -116,7 +116,10 @@ pub struct StoredBlock<'a> {
 struct Placed {
     /// The router chain value at the block's end (its children hash on from here).
     end: u64,
-    /// The router hashes it covers (block size / 16 of them).
+    /// Router hashes from the prompt's start to the block's end.
+    depth: usize,
+    /// The router hashes it covers (block size / 16 of them) that are indexed: none beyond
+    /// the first `MAX_BLOCKS` of a prompt, which is all routing reads.
     hashes: Box<[u64]>,
     /// Physical copies the engine reported (vLLM keeps up to two; each is removed alone).
     copies: u32,
@@ -156,10 +159,10 @@ impl EngineBlocks {
 
     /// `blocks`, stored in this order after the block `parent` (None: at the prompt's start).
     pub fn stored(&mut self, index: &KvIndex, parent: Option<i64>, blocks: &[StoredBlock<'_>]) {
-        let mut prev = match parent {
-            None => 0,
+        let (mut prev, mut depth) = match parent {
+            None => (0, 0),
             Some(p) => match self.blocks.get(&p) {
-                Some(b) => b.end,
+                Some(b) => (b.end, b.depth),
                 None => {
                     self.unplaced += blocks.len() as u64;
                     return;
@@ -172,6 +175,7 @@ impl EngineBlocks {
             if let Some(placed) = self.blocks.get_mut(&b.engine_hash) {
                 placed.copies += 1;
                 prev = placed.end;
+                depth = placed.depth;
                 continue;
             }
             if b.token_ids.is_empty() || b.token_ids.len() % TOKENS_PER_HASH != 0 {
@@ -182,12 +186,13 @@ impl EngineBlocks {
             let hashes: Box<[u64]> = b
                 .token_ids
                 .chunks_exact(TOKENS_PER_HASH)
-                .map(|ids| {
+                .filter_map(|ids| {
                     for (k, id) in ids.iter().enumerate() {
                         bytes[4 * k..4 * k + 4].copy_from_slice(&id.to_le_bytes());
                     }
                     prev = chain(prev, &bytes);
-                    prev
+                    depth += 1;
+                    (depth <= MAX_BLOCKS).then_some(prev)
                 })
                 .collect();
             for &h in hashes.iter() {
@@ -201,6 +206,7 @@ impl EngineBlocks {
                 b.engine_hash,
                 Placed {
                     end: prev,
+                    depth,
                     hashes,
                     copies: 1,
                 },
@@ -398,6 +404,22 @@ mod tests {
         store(&index, &mut e, &ids(0..30), 10, 1);
         assert_eq!(e.unplaced, 3);
         assert!(index.is_empty());
+    }
+
+    #[test]
+    fn only_the_prefix_routing_reads_is_indexed() {
+        let index = KvIndex::new(1);
+        let mut e = EngineBlocks::new(&index, 0);
+        let tokens = (MAX_BLOCKS + 40) * TOKENS_PER_HASH;
+        let prompt: Vec<u32> = (0..tokens as u32).collect();
+        store(&index, &mut e, &prompt, 128, 1);
+        assert_eq!(
+            index.len(),
+            MAX_BLOCKS,
+            "no hash beyond what a request is hashed to"
+        );
+        assert_eq!(depth(&index, &prompt, 0) as usize, MAX_BLOCKS);
+        assert_eq!(index.held(0), Some(tokens.div_ceil(128) as u64));
     }
 
     #[test]
