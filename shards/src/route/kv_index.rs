@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::RwLock;
 
-use super::prefix::{chain, worker_bit, WorkerMask, BLOCK, MAX_BLOCKS};
+use super::prefix::{chain, walk_depths, worker_bit, WorkerMask, BLOCK, MAX_BLOCKS};
 
 /// Tokens per router hash.
 pub const TOKENS_PER_HASH: usize = BLOCK / 4;
@@ -74,26 +74,10 @@ impl KvIndex {
     }
 
     /// For every worker in `among`, how many leading blocks of `hashes` its engine holds,
-    /// into `out[slot]` (other entries untouched).
+    /// raised into `out[slot]` where deeper (other entries untouched).
     pub fn depths(&self, hashes: &[u64], among: WorkerMask, out: &mut [u16]) {
         let holders = self.holders.read().unwrap_or_else(|p| p.into_inner());
-        let mut alive = among;
-        for (i, h) in hashes.iter().enumerate() {
-            let Some(&w) = holders.get(h) else { break };
-            let still = alive & w;
-            if still == 0 {
-                break;
-            }
-            alive = still;
-            let mut bits = still;
-            while bits != 0 {
-                let slot = bits.trailing_zeros() as usize;
-                bits &= bits - 1;
-                if let Some(d) = out.get_mut(slot) {
-                    *d = (i + 1) as u16;
-                }
-            }
-        }
+        walk_depths(hashes, among, |h| holders.get(h).copied(), out);
     }
 
     /// Blocks indexed (distinct router hashes, any worker).

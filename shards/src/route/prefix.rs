@@ -75,6 +75,33 @@ pub fn block_hashes(segments: &[&[u8]], out: &mut Vec<u64>) -> usize {
     total.min(MAX_BLOCKS * BLOCK)
 }
 
+/// How deep each worker's prefix of `hashes` goes: walks the hashes while some worker of
+/// `among` holds every one so far (`holders`: who holds a hash), raising `out[w]` to
+/// worker `w`'s depth. Shared by the routed-prefix index and the KV-event index.
+pub(crate) fn walk_depths(
+    hashes: &[u64],
+    among: WorkerMask,
+    mut holders: impl FnMut(&u64) -> Option<WorkerMask>,
+    out: &mut [u16],
+) {
+    let mut alive = among;
+    for (i, h) in hashes.iter().enumerate() {
+        let still = alive & holders(h).unwrap_or(0);
+        if still == 0 {
+            break;
+        }
+        alive = still;
+        let mut bits = still;
+        while bits != 0 {
+            let w = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            if let Some(d) = out.get_mut(w) {
+                *d = (*d).max((i + 1) as u16);
+            }
+        }
+    }
+}
+
 struct Entry {
     workers: WorkerMask,
     /// Matched or inserted since it was last queued.
@@ -124,23 +151,11 @@ impl PrefixIndex {
     /// `since`, raised into `out[slot]` where that is deeper. Routes the engines have not
     /// reported yet (see `kv_index`).
     pub fn recent_depths(&self, hashes: &[u64], among: WorkerMask, since: u32, out: &mut [u16]) {
-        let mut alive = among;
-        for (i, h) in hashes.iter().enumerate() {
-            let Some(e) = self.map.get(h) else { break };
-            let still = alive & e.workers;
-            if still == 0 || e.stamp < since {
-                break;
-            }
-            alive = still;
-            let mut bits = still;
-            while bits != 0 {
-                let w = bits.trailing_zeros() as usize;
-                bits &= bits - 1;
-                if let Some(d) = out.get_mut(w) {
-                    *d = (*d).max((i + 1) as u16);
-                }
-            }
-        }
+        let recent = |h: &u64| {
+            let e = self.map.get(h)?;
+            (e.stamp >= since).then_some(e.workers)
+        };
+        walk_depths(hashes, among, recent, out);
     }
 
     pub fn len(&self) -> usize {
@@ -175,24 +190,16 @@ impl PrefixIndex {
     pub fn depths(&mut self, hashes: &[u64], workers: usize, out: &mut Vec<u16>) {
         out.clear();
         out.resize(workers, 0);
-        let mut alive: WorkerMask = !0;
-        for (i, h) in hashes.iter().enumerate() {
-            let Some(e) = self.map.get_mut(h) else { break };
-            let still = alive & e.workers;
-            if still == 0 {
-                break;
-            }
-            e.touched = true;
-            alive = still;
-            let mut bits = still;
-            while bits != 0 {
-                let w = bits.trailing_zeros() as usize;
-                bits &= bits - 1;
-                if w < workers {
-                    out[w] = (i + 1) as u16;
-                }
-            }
-        }
+        walk_depths(
+            hashes,
+            !0,
+            |h| {
+                let e = self.map.get_mut(h)?;
+                e.touched = true;
+                Some(e.workers)
+            },
+            out,
+        );
     }
 
     /// Records that `worker` received a text with these block hashes. Appends to `fresh`
