@@ -110,7 +110,7 @@ struct Placed {
 }
 
 /// What one worker's engine holds, as its events said: the writer's side of the index for
-/// one slot. Dropping it does not clear the slot; [`EngineBlocks::clear`] does.
+/// one slot. Dropping it does not clear the slot; [`EngineBlocks::retire`] does.
 pub struct EngineBlocks {
     slot: usize,
     blocks: HashMap<i64, Placed, ahash::RandomState>,
