@@ -109,7 +109,7 @@ async fn within<T>(
 
 /// One health check: `HealthCheck` answering `healthy: true`.
 pub async fn check(url: &str, timeout: Duration) -> Result<(), String> {
-    let kept = kept_within(url, timeout, "HealthCheck", async {
+    kept_within(url, timeout, "HealthCheck", async {
         let r: HealthCheckResponse = kept_unary(url, path::HEALTH_CHECK, &HealthCheckRequest {})
             .await
             .map_err(|e| format!("HealthCheck: {e}"))?;
@@ -118,8 +118,8 @@ pub async fn check(url: &str, timeout: Duration) -> Result<(), String> {
         } else {
             Err(format!("HealthCheck: unhealthy: {}", r.message))
         }
-    });
-    kept.await
+    })
+    .await
 }
 
 /// The engine's load, as `GetLoads` reports it: summed over its data-parallel ranks, or of
