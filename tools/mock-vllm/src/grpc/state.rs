@@ -3,10 +3,9 @@
 //! method), read by tests through [`GrpcState::stats`].
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
-
-use grpc_proto::common::{KvCacheEvent, KvEventBatch};
 use std::sync::{Arc, Mutex};
 
+use grpc_proto::common::{KvCacheEvent, KvEventBatch};
 use tokio::sync::watch;
 
 use super::GrpcConfig;
