@@ -170,6 +170,7 @@ fn main() -> ExitCode {
         version: m.version,
     });
     cfg.admin = Some(admin_tx);
+    let cfg_has_model = cfg.model.is_some();
     cfg.max_workers = cfg
         .max_workers
         .max(worker_urls.len() + pd_workers.prefill.len() + pd_workers.decode.len());
@@ -188,6 +189,7 @@ fn main() -> ExitCode {
         cli.health_config(),
     );
     registry.set_dp_size(dp_size);
+    registry.set_grpc_ready(cfg_has_model);
     use control::membership::Role;
     let flagged = worker_urls
         .iter()

@@ -1037,3 +1037,31 @@ fn an_explicit_rank_is_kept_and_a_rankless_grpc_worker_lets_the_engine_balance()
     assert_eq!(ranks_seen(&ranked), [Some(5), Some(5)]);
     assert_eq!(ranks_seen(&plain), [None, None]);
 }
+
+// ---- workers added at run time --------------------------------------------------------
+
+#[test]
+fn a_grpc_worker_added_at_run_time_needs_a_router_that_loaded_a_model() {
+    let e = engine(|_| {});
+    // Started with HTTP workers only: no tokenizer was loaded, so a gRPC worker is refused
+    // at the door with the reason, not accepted and then skipped.
+    let http = mocks(1, |_| {});
+    let args = worker_args(&http);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let r = Router::start(&args);
+    let resp = call(&r, "POST", &format!("/add_worker?url={}", e.url()), "");
+    assert_eq!(resp.status, 400, "{}", resp.text());
+    assert!(
+        resp.error_message().contains("needs the model's tokenizer"),
+        "{}",
+        resp.text()
+    );
+    // Started with a gRPC worker: another one joins and serves.
+    let other = engine(|_| {});
+    let r = router(&[e.url()], &["--policy", "round_robin"]);
+    let resp = call(&r, "POST", &format!("/add_worker?url={}", other.url()), "");
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert!(eventually(Duration::from_secs(5), || {
+        complete_ids(&r, &token_prompt(4)).status == 200 && other.stats().generate_ok > 0
+    }));
+}

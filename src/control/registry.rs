@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use shards::breaker::Breakers;
 use shards::metrics::Metrics;
-use shards::route::{host_url, parse_worker_url, Worker, WorkerRole, WorkerSet};
+use shards::route::{host_url, parse_worker_url, Protocol, Worker, WorkerRole, WorkerSet};
 use shards::sync::{Directory, LoadBoard};
 
 use super::membership::Role;
@@ -70,6 +70,9 @@ pub struct Registry {
     dp_size: u32,
     /// The epoch of the last published set, for control-plane tasks that follow the set.
     published: tokio::sync::watch::Sender<u64>,
+    /// Whether the router loaded a model at start (it had a gRPC worker): gRPC workers
+    /// added at run time need its tokenizer.
+    grpc_ready: bool,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -98,7 +101,13 @@ impl Registry {
             epoch,
             dp_size: 1,
             published: tokio::sync::watch::channel(epoch).0,
+            grpc_ready: false,
         }
+    }
+
+    /// Whether gRPC workers can be added at run time (a model was loaded at start).
+    pub fn set_grpc_ready(&mut self, ready: bool) {
+        self.grpc_ready = ready;
     }
 
     /// Changes whenever a new worker set is published.
@@ -146,6 +155,13 @@ impl Registry {
     /// on the control plane's tokio thread.
     pub fn add_server(&mut self, url: &str, role: Role) -> Result<Vec<String>, AddError> {
         let mut base = parse_worker_url(url, 0).map_err(|e| AddError::Invalid(e.to_string()))?;
+        if base.protocol == Protocol::Grpc && !self.grpc_ready {
+            return Err(AddError::Invalid(format!(
+                "{url}: a gRPC worker needs the model's tokenizer, which the router loads at \
+                 start from its gRPC workers; this one was started with none (give it a \
+                 grpc:// worker in --worker-urls)"
+            )));
+        }
         if base.dp_rank.is_some() || self.dp_size <= 1 {
             if self.get(&base.url).is_some() {
                 return Err(AddError::Exists);
