@@ -6,7 +6,11 @@
                 applying the chat template and detokenizing;
 - `smg`:        smg (PyPI `smg`, Shepherd Model Gateway 1.13) -> the same gRPC engine;
 - `ringrouter-1shard` (not by default): ringrouter with `--shards 1`, one thread and one
-                connection to the engine, to tell the router's thread count from the rest.
+                connection to the engine, to tell the router's thread count from the rest;
+- `ringrouter-rr` (not by default): ringrouter with `--shards 1 --policy round_robin`, which
+                keeps no prefix index and so does not subscribe to the engine's KV events:
+                beside `ringrouter-1shard` on an engine that publishes them, what following
+                the events costs.
 
 Load: tools/loadgen, closed loop, streamed requests (chat by default), short prompts, 16
 output tokens (ignore_eos), at concurrency 1 and 16; each cell a fixed number of requests
@@ -58,7 +62,7 @@ CTL = ROOT / "tools" / "real-vllm" / "real-vllm.sh"
 HOST = "127.0.0.1"
 SMG_VERSION = "1.13.0"
 SMG_VENV = PERF / ".venv-smg"
-ALL_TARGETS = ["vllm-http", "ringrouter", "smg", "ringrouter-1shard"]
+ALL_TARGETS = ["vllm-http", "ringrouter", "smg", "ringrouter-1shard", "ringrouter-rr"]
 DEFAULT_TARGETS = ALL_TARGETS[:3]
 
 
@@ -419,8 +423,10 @@ def main(argv=None) -> int:
                     if not (args.bindir / "ringrouter").exists():
                         log(f"SKIP ringrouter: no binary in {args.bindir}")
                         continue
-                    # ringrouter-1shard: one shard thread, one connection to the engine.
-                    extra = ("--shards", "1") if name == "ringrouter-1shard" else ()
+                    # ringrouter-1shard: one shard thread, one connection to the engine;
+                    # ringrouter-rr: the same without a prefix index (no KV-event stream).
+                    extra = {"ringrouter-1shard": ("--shards", "1"),
+                             "ringrouter-rr": ("--shards", "1", "--policy", "round_robin")}.get(name, ())
                     fronts.append(ringrouter(args.bindir, engines[1], logdir, name, extra))
                 elif name == "smg":
                     exe = ensure_smg(args.smg)
