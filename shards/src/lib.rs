@@ -13,6 +13,7 @@
 //! - [`upstream`]: the client side: keep-alive pools, the upstream request, the response relay.
 //! - [`grpc`]: the client side for gRPC workers: HTTP/2 connections, calls, messages.
 //! - [`proxy`]: one client connection's life, as named phases.
+//! - [`send`]: writes that leave at once rather than when the shard next parks.
 //! - [`pd`]: prefill/decode disaggregation: the two legs' request bodies (the exchange
 //!   itself is the proxy's, in `proxy/disagg.rs`).
 //! - [`retry`], [`breaker`], [`admission`]: which failures are retried and when, which
@@ -34,6 +35,7 @@ pub mod pd;
 pub mod proxy;
 pub mod retry;
 pub mod route;
+pub mod send;
 pub mod shard;
 pub mod sync;
 pub mod timer;

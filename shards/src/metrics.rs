@@ -527,6 +527,9 @@ pub struct RequestRecord {
     pub cut: bool,
     pub client_gone: bool,
     pub leg: Leg,
+    /// The client asked for a stream (`"stream": true`): its writes up to the first token
+    /// leave at once (`crate::send`).
+    pub streamed: bool,
 }
 
 impl RequestRecord {
@@ -553,6 +556,7 @@ impl RequestRecord {
             cut: false,
             client_gone: false,
             leg: Leg::Plain,
+            streamed: false,
         }
     }
 

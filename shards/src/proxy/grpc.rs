@@ -14,7 +14,6 @@ use frontend::openai::{Endpoint, Generation, OpenAiError, Responder};
 use grpc_proto::engine::{AbortRequest, AbortResponse, GenerateRequest, GenerateResponse};
 use grpc_proto::path;
 use h2::client::SendRequest;
-use monoio::io::AsyncWriteRentExt;
 use monoio::BufResult;
 
 use super::{
@@ -418,7 +417,12 @@ async fn relay<W: Future<Output = BufResult<usize, Vec<u8>>>>(
         if stream && (!events.is_empty() || !head_sent) {
             frame_chunk(&mut b.out, &events);
             let out = std::mem::take(&mut b.out);
-            let (res, mut out) = wr.write_all(out).await;
+            // A stream's head and first tokens leave at once; later ones batch.
+            let (res, mut out) = if b.rec.streamed && b.rec.first_body == 0 {
+                wr.send_now(out).await
+            } else {
+                wr.write_all(out).await
+            };
             out.clear();
             b.out = out;
             if res.is_err() {
