@@ -196,6 +196,7 @@ impl Lane {
                         head: obs.since_start(obs.head),
                         first_byte: obs.since_start(obs.first_byte),
                         ttft: obs.since_start(ev.first_event),
+                        mock_timing: ev.mock_timing_us.map(Duration::from_micros),
                         send_delay: if job.scheduled {
                             obs.since_start(obs.sent)
                         } else {

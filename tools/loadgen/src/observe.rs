@@ -24,6 +24,9 @@ pub struct EventTally {
     /// The last data event so far was `[DONE]`.
     pub ended_with_done: bool,
     pub in_band_error: bool,
+    /// `"mock_timing_us"` of the first event: the mocks' own part of the TTFT
+    /// (tools/mock-vllm `--report-timing`).
+    pub mock_timing_us: Option<u64>,
 }
 
 impl EventTally {
@@ -34,11 +37,13 @@ impl EventTally {
         self.content_events = 0;
         self.ended_with_done = false;
         self.in_band_error = false;
+        self.mock_timing_us = None;
     }
 
     pub fn on_event(&mut self, data: &[u8], at: Instant) {
         if self.first_event.is_none() {
             self.first_event = Some(at);
+            self.mock_timing_us = json_u64(data, b"\"mock_timing_us\":");
         }
         if data == b"[DONE]" {
             self.ended_with_done = true;
@@ -58,6 +63,16 @@ impl EventTally {
             }
         }
     }
+}
+
+/// The unsigned integer right after `key` (a JSON key with its colon), if there is one.
+fn json_u64(hay: &[u8], key: &[u8]) -> Option<u64> {
+    let at = memchr::memmem::find(hay, key)? + key.len();
+    let digits = hay[at..].iter().take_while(|c| c.is_ascii_digit()).count();
+    std::str::from_utf8(&hay[at..at + digits])
+        .ok()?
+        .parse()
+        .ok()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,6 +212,9 @@ impl BodySink for Observation {
         if self.scan {
             let tally = &mut self.events;
             self.scanner.feed(data, |ev| tally.on_event(ev, at));
+        } else if self.events.mock_timing_us.is_none() {
+            // A mock's NIXL prefill answer reports its own time in kv_transfer_params.
+            self.events.mock_timing_us = json_u64(data, b"\"mock_service_us\":");
         }
     }
 }
@@ -239,6 +257,34 @@ mod tests {
             classify(br#"{"choices":[{"text":"the word \"error\""}]}"#),
             EventClass::Content
         );
+    }
+
+    #[test]
+    fn the_mocks_own_time_is_read_from_the_first_event_or_a_plain_answer() {
+        let t = Instant::now();
+        let mut o = Observation::new();
+        o.begin(t, true);
+        o.head(200, None, t);
+        o.body(
+            b"data: {\"choices\":[{\"text\":\"a\"}],\"mock_timing_us\":70123}\n\n",
+            t,
+        );
+        o.body(
+            b"data: {\"choices\":[{\"text\":\"b\"}],\"mock_timing_us\":5}\n\n",
+            t,
+        );
+        assert_eq!(o.events.mock_timing_us, Some(70123), "the first event's");
+
+        o.begin(t, false);
+        assert_eq!(o.events.mock_timing_us, None, "forgotten between requests");
+        o.head(200, None, t);
+        o.body(b"{\"kv_transfer_params\":{\"mock_service_us\":50042}}", t);
+        assert_eq!(o.events.mock_timing_us, Some(50042));
+
+        o.begin(t, true);
+        o.head(200, None, t);
+        o.body(b"data: {\"choices\":[]}\n\n", t);
+        assert_eq!(o.events.mock_timing_us, None, "no report, no figure");
     }
 
     #[test]

@@ -104,6 +104,9 @@ pub struct LatencyReport {
     pub total: Summary,
     /// Open loop: scheduled time to request written.
     pub send_delay: Summary,
+    /// TTFT (non-streamed: total) less the mocks' own time (mocks started with
+    /// `--report-timing`).
+    pub beyond_mocks: Summary,
 }
 
 #[derive(Debug, Serialize)]
@@ -183,6 +186,7 @@ impl Report {
                 gap: Summary::of(&l.gap),
                 total: Summary::of(&l.total),
                 send_delay: Summary::of(&l.send_delay),
+                beyond_mocks: Summary::of(&l.beyond_mocks),
             },
             errors: ErrorReport {
                 total: failed,
@@ -272,6 +276,9 @@ impl Report {
         ];
         if self.target_rate.is_some() {
             rows.push(("send delay", &l.send_delay));
+        }
+        if l.beyond_mocks.count > 0 {
+            rows.push(("past mocks", &l.beyond_mocks));
         }
         for (name, m) in rows {
             if m.count == 0 {

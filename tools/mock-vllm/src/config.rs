@@ -39,6 +39,12 @@ pub struct MockConfig {
     pub max_num_seqs: usize,
     /// `--sse-keep-alive-interval`: send `: keep-alive\n\n` when a stream is idle this long.
     pub sse_keep_alive: Option<Duration>,
+    /// `--report-timing`: a generation's own time rides with it, so a benchmark can take
+    /// exactly the mocks' part out of what its client measured: a NIXL prefill answer
+    /// carries `mock_service_us` in its `kv_transfer_params` (a router copies them to the
+    /// decode leg), and a stream's first token carries `mock_timing_us`, the time from the
+    /// request's arrival to that token plus any `mock_service_us` its request carried.
+    pub report_timing: bool,
     /// `--enable-request-id-headers`: echo `x-request-id` (or a fresh one) on every response.
     /// Real vLLM's default is off; the mock's default is on.
     pub request_id_headers: bool,
@@ -76,6 +82,7 @@ impl Default for MockConfig {
             max_model_len: 4096,
             max_num_seqs: 256,
             sse_keep_alive: None,
+            report_timing: false,
             request_id_headers: true,
             prefix_cache_blocks: 0,
             prefix_block_bytes: 64,

@@ -104,13 +104,10 @@ async fn route(state: &Arc<MockState>, parts: &Parts, body: Bytes) -> Response<M
     }
 }
 
-/// Sleep until `at`, without touching the timer when it has already passed (tokio rounds
-/// every timer up to the next millisecond tick, which would cap a zero-delay mock at
-/// ~1 ms per request).
+/// Sleep until `at` (on the mock's precise clock: tokio's rounds up to the next
+/// millisecond, which would also cap a zero-delay mock at ~1 ms per request).
 async fn wait_until(at: Instant) {
-    if Instant::now() < at {
-        tokio::time::sleep_until(at).await;
-    }
+    crate::clock::sleep_until(at).await;
 }
 
 fn unix_now() -> u64 {
@@ -210,6 +207,7 @@ async fn generation(
     body: Bytes,
     api: Api,
 ) -> Response<MockBody> {
+    let entered = Instant::now();
     let config = state.config();
     let knobs = Knobs::new(config, &parts.headers);
     let req = match admit(state, parts, &body, &knobs, Some(api)) {
@@ -332,6 +330,13 @@ async fn generation(
             drop_after: knobs.drop_after,
             error_after: knobs.error_after,
             keep_alive: config.sse_keep_alive,
+            timing: config.report_timing.then(|| {
+                let carried = match &req.kv_transfer_params {
+                    Some(Value::Object(kv)) => kv.get("mock_service_us").and_then(Value::as_u64),
+                    _ => None,
+                };
+                (entered, carried.unwrap_or(0))
+            }),
         };
         let mut resp = Response::new(MockBody::Sse(Box::new(SseStream::new(plan, inflight))));
         resp.headers_mut().insert(
@@ -350,8 +355,11 @@ async fn generation(
         start + ttft + knobs.itl * (tokens.saturating_sub(1)).min(u32::MAX as usize) as u32;
     wait_until(done_at).await;
 
-    let kv_params =
-        (role == PdRole::Prefill).then(|| prefill_kv_params(state, &head, api, total_prompt));
+    let service_us = config
+        .report_timing
+        .then(|| entered.elapsed().as_micros() as u64);
+    let kv_params = (role == PdRole::Prefill)
+        .then(|| prefill_kv_params(state, &head, api, total_prompt, service_us));
     let text: String = (0..tokens).map(wire::token_text).collect();
     let usage = Usage {
         prompt: total_prompt,
@@ -429,7 +437,13 @@ fn prefix_hit_header(hit: PrefixHit) -> HeaderValue {
 
 /// What a NIXL prefill worker (vLLM 0.32 `NixlConnector`, pull mode) returns in
 /// `kv_transfer_params`, with this mock's address standing in for the side channel.
-fn prefill_kv_params(state: &MockState, head: &Head, api: Api, prompt_tokens: usize) -> Vec<u8> {
+fn prefill_kv_params(
+    state: &MockState,
+    head: &Head,
+    api: Api,
+    prompt_tokens: usize,
+    service_us: Option<u64>,
+) -> Vec<u8> {
     let blocks = prompt_tokens.div_ceil(16).max(1) as u64;
     let first = state.next_block_id.fetch_add(blocks, Relaxed);
     let block_ids: Vec<String> = (first..first + blocks).map(|b| b.to_string()).collect();
@@ -455,11 +469,15 @@ fn prefill_kv_params(state: &MockState, head: &Head, api: Api, prompt_tokens: us
         format!(
             ",\"remote_port\":{},\"tp_size\":1,\"dcp_size\":1,\"pp_size\":1,\
              \"remote_num_tokens\":{prompt_tokens},\"remote_blocks_expiry_time\":null,\
-             \"transfer_mode\":\"pull\"}}",
+             \"transfer_mode\":\"pull\"",
             addr.port()
         )
         .as_bytes(),
     );
+    if let Some(us) = service_us {
+        buf.extend_from_slice(format!(",\"mock_service_us\":{us}").as_bytes());
+    }
+    buf.push(b'}');
     buf
 }
 

@@ -15,6 +15,7 @@
 //! # let _ = stats;
 //! ```
 
+mod clock;
 mod config;
 mod errors;
 pub mod grpc;

@@ -72,6 +72,10 @@ struct Args {
     /// Send `: keep-alive` SSE comments when a stream is idle this long, milliseconds.
     #[arg(long)]
     sse_keep_alive_ms: Option<f64>,
+    /// Report each generation's own time: `mock_service_us` in a NIXL prefill answer's
+    /// kv_transfer_params, `mock_timing_us` in a stream's first token (for perf/pd.py).
+    #[arg(long)]
+    report_timing: bool,
     /// Do not add `x-request-id` to responses (real vLLM's default).
     #[arg(long)]
     no_request_id_headers: bool,
@@ -146,6 +150,7 @@ impl Args {
             max_model_len: self.max_model_len,
             max_num_seqs: self.max_num_seqs,
             sse_keep_alive: self.sse_keep_alive_ms.map(ms),
+            report_timing: self.report_timing,
             request_id_headers: !self.no_request_id_headers,
             prefix_cache_blocks: self.prefix_cache_blocks,
             prefix_block_bytes: self.prefix_block_bytes as usize,

@@ -94,6 +94,9 @@ pub(crate) struct StreamPlan {
     pub drop_after: Option<usize>,
     pub error_after: Option<usize>,
     pub keep_alive: Option<Duration>,
+    /// `--report-timing`: when the request arrived, and the prefill time its
+    /// `kv_transfer_params` carried (µs); the first token reports their sum.
+    pub timing: Option<(Instant, u64)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,6 +128,7 @@ pub struct SseStream {
     last_sent: Instant,
     sleep: Option<Pin<Box<Sleep>>>,
     sleep_at: Option<Instant>,
+    first: Option<crate::clock::Deadline>,
     outcome: Outcome,
     tokens_sent: usize,
     inflight: InFlight,
@@ -142,6 +146,7 @@ impl SseStream {
             last_sent: now,
             sleep: None,
             sleep_at: None,
+            first: None,
             outcome: Outcome::Unfinished,
             tokens_sent: 0,
             inflight,
@@ -243,6 +248,15 @@ impl SseStream {
     }
 
     fn sleep_until(&mut self, at: Instant, cx: &mut Context<'_>) -> Poll<()> {
+        // The first token on the precise clock (what TTFT measurements subtract); the
+        // gaps after it on tokio's.
+        if self.tokens_sent == 0 {
+            let first = match &mut self.first {
+                Some(d) if d.at() == at => d,
+                slot => slot.insert(crate::clock::sleep_until(at)),
+            };
+            return Pin::new(first).poll(cx);
+        }
         match &mut self.sleep {
             Some(sleep) => {
                 if self.sleep_at != Some(at) {
@@ -256,6 +270,17 @@ impl SseStream {
     }
 
     fn queue_slot(&mut self, i: usize) {
+        let first = self.pending.len();
+        self.queue_events(i);
+        if let (0, Some((entered, carried))) = (i, self.plan.timing) {
+            if let Some(event) = self.pending.get_mut(first) {
+                let us = entered.elapsed().as_micros() as u64 + carried;
+                *event = wire::with_field(event, "mock_timing_us", us);
+            }
+        }
+    }
+
+    fn queue_events(&mut self, i: usize) {
         let plan = &self.plan;
         let last = i + 1 == plan.tokens;
         let finish = last.then_some(plan.finish);

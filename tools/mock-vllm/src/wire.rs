@@ -264,6 +264,18 @@ pub(crate) fn usage_chunk(head: &Head, object: &str, usage: Usage) -> Bytes {
 }
 
 /// vLLM's in-band stream error (`json.dumps`, so with spaces), sent after a 200.
+/// An SSE event (`data: {...}\n\n`) with `"key":value` added as its object's last field.
+pub(crate) fn with_field(event: &Bytes, key: &str, value: u64) -> Bytes {
+    let Some(close) = event.iter().rposition(|&c| c == b'}') else {
+        return event.clone();
+    };
+    let mut buf = Vec::with_capacity(event.len() + key.len() + 24);
+    buf.extend_from_slice(&event[..close]);
+    buf.extend_from_slice(format!(",\"{key}\":{value}").as_bytes());
+    buf.extend_from_slice(&event[close..]);
+    Bytes::from(buf)
+}
+
 pub(crate) fn stream_error(message: &str, err_type: &str, code: u16) -> Bytes {
     let mut buf = sse_buf(160);
     buf.extend_from_slice(b"{\"error\": {\"message\": ");

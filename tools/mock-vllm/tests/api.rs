@@ -401,6 +401,52 @@ fn nixl_prefill_and_decode_legs() {
     );
 }
 
+/// `--report-timing`: the prefill answer carries its own time in `kv_transfer_params`, and
+/// the decode stream's first event the time to it plus what its request carried, so a
+/// benchmark can take exactly the mocks' part out of a client's TTFT. Off by default.
+#[test]
+fn report_timing_rides_with_the_legs() {
+    let cfg = MockConfig {
+        prefill_delay: Duration::from_millis(30),
+        ttft: Duration::from_millis(20),
+        report_timing: true,
+        ..MockConfig::default()
+    };
+    let m = MockServer::spawn(cfg).unwrap();
+    let prefill =
+        r#"{"prompt":"one two","max_tokens":1,"kv_transfer_params":{"do_remote_decode":true}}"#;
+    let t0 = Instant::now();
+    let r = post(m.addr(), "/v1/completions", prefill, &[]);
+    let took = t0.elapsed().as_micros() as u64;
+    let kv = r.json()["kv_transfer_params"].clone();
+    let service = kv["mock_service_us"].as_u64().expect("mock_service_us");
+    assert!((30_000..=took).contains(&service), "{service} µs of {took}");
+
+    let decode = serde_json::json!({
+        "prompt": "one two", "max_tokens": 2, "stream": true, "kv_transfer_params": kv,
+    })
+    .to_string();
+    let t0 = Instant::now();
+    let r = post(m.addr(), "/v1/completions", &decode, &[]);
+    let took = t0.elapsed().as_micros() as u64;
+    let events = r.data_json();
+    let first = events[0]["mock_timing_us"]
+        .as_u64()
+        .expect("mock_timing_us");
+    assert!(
+        (service + 20_000..=service + took).contains(&first),
+        "{first} µs: prefill {service} + decode at most {took}"
+    );
+    assert!(events[1].get("mock_timing_us").is_none(), "only the first");
+
+    // Off: nothing added.
+    let m = MockServer::spawn(MockConfig::default()).unwrap();
+    let r = post(m.addr(), "/v1/completions", prefill, &[]);
+    assert!(r.json()["kv_transfer_params"]
+        .get("mock_service_us")
+        .is_none());
+}
+
 #[test]
 fn stats_and_received_track_connections() {
     let m = mock();
