@@ -13,13 +13,23 @@ A second column subtracts the prefill leg measured directly (the same NIXL prefi
 sent straight to a prefill mock at the same concurrency, its whole exchange) instead of the
 configured prefill time: what the router adds over a client that ran both legs itself.
 
+The mocks run with --report-timing: each request's first token carries the mocks' own time
+for it (prefill leg and decode leg, measured inside the mocks), so loadgen reports, request
+by request, the TTFT less the mocks' work ("past the mocks"): the client, loopback, the
+mocks' HTTP stacks and the router. "router's share" is that p50 less the same figure for a
+client that sends both legs straight to the mocks (each leg measured the same way). The
+mocks' first token and prefill answers come on a precise clock (tools/mock-vllm/src/clock.rs),
+so the subtractions above no longer measure tokio's millisecond timer rounding.
+
 ringrouter also measures its own time on its own clock (`ringrouter_added_seconds` on its
 /metrics, read after each cell): request read → prefill leg written (to_worker), prefill
 answer read → decode leg written (between_legs), decode head read → written to the client
 (to_client). Their p50s are reported (Prometheus' histogram_quantile interpolation).
 
+A/B of two builds: --targets ringrouter ringrouter-base --base-bin OTHER/ringrouter.
+
 Usage: perf/pd.py [--requests 2000] [--concurrency 16 128] [--prefill-ms 50]
-                  [--decode-ttft-ms 20]
+                  [--decode-ttft-ms 20] [--targets ringrouter ringrouter-base --base-bin PATH]
 """
 
 import argparse
@@ -58,7 +68,7 @@ def wait_http(url, timeout=120.0):
 
 def mocks(n, port, extra):
     p = subprocess.Popen([f"{BIN}/mock-vllm", "--port", str(port), "--workers", str(n),
-                          "--model", "mock-model", *extra],
+                          "--model", "mock-model", "--report-timing", *extra],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     urls = [f"http://127.0.0.1:{port + i}" for i in range(n)]
     for u in urls:
@@ -86,7 +96,9 @@ def loadgen(url, conc, requests, prefill_leg=False):
         capture_output=True, text=True)
     r = json.loads(out.stdout)
     t = r["latency_us"]["total" if prefill_leg else "ttft"]
+    past = r["latency_us"].get("beyond_mocks", {})
     return {"p50": t["p50"], "p99": t["p99"], "rps": r["requests_per_sec"],
+            "past_mocks_p50": past.get("p50"), "past_mocks_p99": past.get("p99"),
             "failed": r["requests"]["failed"], "errors": r["errors"]["by_kind"]}
 
 
@@ -121,7 +133,7 @@ def added_time(metrics_url):
                  "count": b[-1][1]} for ph, b in phases.items()}
 
 
-def start_router(name, prefill, decode):
+def start_router(name, prefill, decode, base_bin=None):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     args = ["--host", "127.0.0.1", "--port", str(port), "--vllm-pd-disaggregation",
@@ -130,10 +142,11 @@ def start_router(name, prefill, decode):
         args += ["--prefill", p]
     for d in decode:
         args += ["--decode", d]
-    if name == "ringrouter":
+    if name in ("ringrouter", "ringrouter-base"):
         mport = free_port()
         metrics = f"http://127.0.0.1:{mport}/metrics"
-        cmd = [f"{BIN}/ringrouter", *args, "--no-pin-cores", "--health-check-interval-secs", "0",
+        exe = base_bin if name == "ringrouter-base" else f"{BIN}/ringrouter"
+        cmd = [exe, *args, "--no-pin-cores", "--health-check-interval-secs", "0",
                "--load-scrape-interval-ms", "0", "--prometheus-port", str(mport)]
     else:
         metrics = None
@@ -153,7 +166,10 @@ def main():
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 128])
     ap.add_argument("--prefill-ms", type=float, default=50)
     ap.add_argument("--decode-ttft-ms", type=float, default=20)
-    ap.add_argument("--targets", nargs="+", default=["ringrouter", "vllm-router"])
+    ap.add_argument("--targets", nargs="+", default=["ringrouter", "vllm-router"],
+                    help="ringrouter, vllm-router, ringrouter-base (another build: --base-bin)")
+    ap.add_argument("--base-bin", default=None,
+                    help="the ringrouter binary of target ringrouter-base, for a before/after")
     a = ap.parse_args()
     base = free_port() + 1000
     pp, prefill = mocks(2, base, ["--prefill-ms", str(a.prefill_ms), "--threads", "2"])
@@ -170,7 +186,9 @@ def main():
                 if name == "vllm-router" and not os.path.exists(VLLM_ROUTER):
                     print("skip vllm-router: run perf/run.py once to install it", file=sys.stderr)
                     continue
-                proc, url, metrics = start_router(name, prefill, decode)
+                if name == "ringrouter-base" and not a.base_bin:
+                    sys.exit("target ringrouter-base needs --base-bin")
+                proc, url, metrics = start_router(name, prefill, decode, a.base_bin)
                 own = {}
                 try:
                     r = loadgen(url, c, a.requests)
@@ -183,7 +201,16 @@ def main():
                     except subprocess.TimeoutExpired:
                         proc.kill()
                 prefill_us = a.prefill_ms * 1000
+                # What a client running both legs itself pays besides the mocks' own work:
+                # each exchange's time less the mock's own (per request, from the mocks'
+                # reports), at p50.
+                direct_past = (direct["past_mocks_p50"] or 0) + (prefill_direct["past_mocks_p50"] or 0)
                 rows.append({
+                    "past_mocks_p50_us": r["past_mocks_p50"],
+                    "past_mocks_p99_us": r["past_mocks_p99"],
+                    "direct_past_mocks_p50_us": direct_past,
+                    "router_exact_p50_us": (r["past_mocks_p50"] - direct_past
+                                            if r["past_mocks_p50"] is not None else float("nan")),
                     "concurrency": c, "target": name,
                     "ttft_p50_us": r["p50"], "ttft_p99_us": r["p99"],
                     "router_p50_us": r["p50"] - prefill_us - direct["p50"],
@@ -199,24 +226,32 @@ def main():
     finally:
         pp.kill()
         dp.kill()
-    print("| concurrency | target | TTFT p50 / p99 (ms) | router's share p50 / p99 (µs) "
-          "| share over both legs sent directly, p50 / p99 (µs) | req/s | failed |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| concurrency | target | TTFT p50 / p99 (ms) | past the mocks p50 / p99 (µs) "
+          "| router's share p50 (µs) | share over both legs sent directly, p50 / p99 (µs) "
+          "| req/s | failed |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['concurrency']} | {r['target']} | {r['ttft_p50_us']/1000:.2f} / "
-              f"{r['ttft_p99_us']/1000:.2f} | {r['router_p50_us']:,.0f} / "
-              f"{r['router_p99_us']:,.0f} | {r['router_vs_legs_p50_us']:,.0f} / "
+              f"{r['ttft_p99_us']/1000:.2f} | {r['past_mocks_p50_us'] or 0:,} / "
+              f"{r['past_mocks_p99_us'] or 0:,} | {r['router_exact_p50_us']:,.0f} | "
+              f"{r['router_vs_legs_p50_us']:,.0f} / "
               f"{r['router_vs_legs_p99_us']:,.0f} | {r['req_per_s']:.0f} | {r['failed']} |")
+    if rows:
+        direct = {r["concurrency"]: r["direct_past_mocks_p50_us"] for r in rows}
+        listed = ", ".join(f"c={c}: {us:,.0f} µs" for c, us in direct.items())
+        print("\npast the mocks: each request's TTFT less the mocks' own time for it (they report it);"
+              "\nrouter's share: that p50 less a direct client's, both legs sent straight to the mocks "
+              f"({listed}).")
     own = [r for r in rows if r["own_time_us"]]
     if own:
         print("\nringrouter's own time, on its clock (p50 / p99, µs):\n")
-        print("| concurrency | request → prefill leg | prefill answer → decode leg | decode head → client | sum of p50s |")
-        print("| ---: | ---: | ---: | ---: | ---: |")
+        print("| concurrency | target | request → prefill leg | prefill answer → decode leg | decode head → client | sum of p50s |")
+        print("| ---: | --- | ---: | ---: | ---: | ---: |")
         for r in own:
             o = r["own_time_us"]
             cell = lambda ph: f"{o[ph]['p50']:.1f} / {o[ph]['p99']:.1f}" if ph in o else "-"
             total = sum(o[ph]["p50"] for ph in ("to_worker", "between_legs", "to_client") if ph in o)
-            print(f"| {r['concurrency']} | {cell('to_worker')} | {cell('between_legs')} | "
+            print(f"| {r['concurrency']} | {r['target']} | {cell('to_worker')} | {cell('between_legs')} | "
                   f"{cell('to_client')} | {total:.1f} |")
     os.makedirs(os.path.join(ROOT, "perf", "results"), exist_ok=True)
     out = os.path.join(ROOT, "perf", "results", time.strftime("pd-%Y%m%d-%H%M%S.json"))

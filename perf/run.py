@@ -39,6 +39,9 @@ VENV = PERF / ".venv"
 VLLM_ROUTER_VERSION = "0.1.17"
 MODEL = "mock-model"
 ALL_TARGETS = ["direct", "ringrouter", "vllm-router", "nginx"]
+# Not in the defaults: another build of ringrouter (--base-bin), run beside this one for a
+# before/after of a change in one run.
+EXTRA_TARGETS = ["ringrouter-base"]
 HOST = "127.0.0.1"
 
 
@@ -342,12 +345,12 @@ class Direct(Target):
 
 
 class RingRouter(Target):
-    def __init__(self, tmp: Path, mock_urls, shards: int, cores):
-        self.name = "ringrouter"
+    def __init__(self, tmp: Path, mock_urls, shards: int, cores, name="ringrouter", exe=None):
+        self.name = name
         port = free_port()
         self.url = f"http://{HOST}:{port}"
-        self.logfile = tmp / "ringrouter.log"
-        cmd = [BIN / "ringrouter", "--host", HOST, "--port", port, "--worker-urls", *mock_urls,
+        self.logfile = tmp / f"{name}.log"
+        cmd = [exe or BIN / "ringrouter", "--host", HOST, "--port", port, "--worker-urls", *mock_urls,
                "--policy", "round_robin", "--shards", shards, "--no-pin-cores"]
         self.cmdline = " ".join(str(c) for c in cmd)
         with open(self.logfile, "wb") as f:
@@ -358,6 +361,8 @@ class RingRouter(Target):
             if "drivers=" in line:
                 driver = line[line.index("drivers="):].split(" policy")[0]
         self.note = f"--shards {shards} --no-pin-cores; {driver}".strip("; ")
+        if exe:
+            self.note += f"; binary {exe}"
 
 
 class VllmRouter(Target):
@@ -752,7 +757,11 @@ def busy_others() -> list[str]:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--targets", default=",".join(ALL_TARGETS),
-                    help=f"comma-separated subset of {','.join(ALL_TARGETS)} (default: all)")
+                    help=f"comma-separated subset of {','.join(ALL_TARGETS + EXTRA_TARGETS)} "
+                         f"(default: {','.join(ALL_TARGETS)})")
+    ap.add_argument("--base-bin", default=None,
+                    help="the ringrouter binary of target ringrouter-base (another build, for a "
+                         "before/after in one run)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of every load x target (default 3)")
     ap.add_argument("--duration", type=float, default=5.0, help="measured seconds per run (default 5)")
     ap.add_argument("--warmup", type=float, default=1.0, help="warmup seconds before each run (default 1)")
@@ -785,9 +794,9 @@ def parse_args(argv=None):
     if a.quick:
         a.rounds, a.duration, a.warmup, a.concurrency = 1, 2.0, 0.5, "1,16"
     a.targets = [t.strip() for t in a.targets.split(",") if t.strip()]
-    bad = [t for t in a.targets if t not in ALL_TARGETS]
+    bad = [t for t in a.targets if t not in ALL_TARGETS + EXTRA_TARGETS]
     if bad:
-        ap.error(f"unknown target(s) {bad}; choose from {ALL_TARGETS}")
+        ap.error(f"unknown target(s) {bad}; choose from {ALL_TARGETS + EXTRA_TARGETS}")
     a.concurrency = [int(c) for c in a.concurrency.split(",")]
     a.modes = [m.strip() for m in a.modes.split(",")]
     if any(m not in ("stream", "no-stream") for m in a.modes):
@@ -884,6 +893,12 @@ def main(argv=None) -> int:
                     targets[name] = Direct(mock_urls)
                 elif name == "ringrouter":
                     targets[name] = RingRouter(tmp, mock_urls, args.shards, router_cores)
+                elif name == "ringrouter-base":
+                    if not args.base_bin:
+                        skipped[name] = "no --base-bin given"
+                        continue
+                    targets[name] = RingRouter(tmp, mock_urls, args.shards, router_cores,
+                                               name=name, exe=Path(args.base_bin))
                 elif name == "vllm-router":
                     if vllm_exe is None:
                         skipped[name] = "could not be installed (see log above)"
