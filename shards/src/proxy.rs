@@ -285,7 +285,8 @@ pub async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) {
         start: 0,
         request_end: 0,
         head: RequestHead::default(),
-        out: Vec::with_capacity(1024),
+        // Sized when first written (the upstream head, or an answer).
+        out: Vec::new(),
         upbuf: Vec::new(),
         decoded: Vec::new(),
         rid: Vec::with_capacity(40),
@@ -312,6 +313,16 @@ pub async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) {
             Next::KeepAlive if !shard.is_draining() => {}
             _ => return,
         }
+    }
+}
+
+/// The request is whole: give back `inbuf`'s unused tail (most of INBUF for a small
+/// request), so the allocations the exchange makes next reuse it. Every connection in its
+/// request phase at once (a burst of new streams) otherwise leaves that tail as a hole
+/// between longer-lived allocations, and the heap never shrinks back from the burst.
+fn fit_request(b: &mut Buffers) {
+    if b.inbuf.capacity() - b.inbuf.len() >= 1024 {
+        b.inbuf.shrink_to_fit();
     }
 }
 
@@ -556,6 +567,7 @@ async fn handle_request_phases(
     let body = match read_body(shard, rd, wr, b).await {
         Ok(body) => {
             b.rec.ready = now_ns();
+            fit_request(b);
             body
         }
         Err(Some(e)) => {
