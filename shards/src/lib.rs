@@ -14,6 +14,7 @@
 //! - [`grpc`]: the client side for gRPC workers: HTTP/2 connections, calls, messages.
 //! - [`proxy`]: one client connection's life, as named phases.
 //! - [`send`]: writes that leave at once rather than when the shard next parks.
+//! - [`recv`]: reads that hold no buffer while a connection waits for a request.
 //! - [`pd`]: prefill/decode disaggregation: the two legs' request bodies (the exchange
 //!   itself is the proxy's, in `proxy/disagg.rs`).
 //! - [`retry`], [`breaker`], [`admission`]: which failures are retried and when, which
@@ -33,6 +34,7 @@ pub mod metrics;
 pub mod nesting;
 pub mod pd;
 pub mod proxy;
+pub mod recv;
 pub mod retry;
 pub mod route;
 pub mod send;

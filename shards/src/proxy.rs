@@ -35,6 +35,7 @@ use crate::metrics::{now_ns, Leg, RequestRecord, Route, ShardMetrics, WorkerCoun
 use crate::retry::is_retryable_status;
 use crate::route::key::{body_session_key, routing_text, SESSION_HEADERS};
 use crate::route::{Candidates, RouteInput, Selector, Worker, WorkerSet};
+use crate::recv;
 use crate::send::{self, ClientWriter};
 use crate::sync::{Directory, LoadBoard};
 use crate::timer::{Timer, Timers};
@@ -276,12 +277,18 @@ impl Drop for ConnectionClosed<'_> {
     }
 }
 
-pub async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) {
+/// A client connection's task. The stream is split before the task starts, so the task
+/// does not carry the whole stream beside its halves.
+pub fn serve_connection(shard: Rc<Shard>, stream: TcpStream) -> impl Future<Output = ()> {
     let fd = stream.as_raw_fd();
-    let (mut rd, wr) = stream.into_split();
-    let mut wr = ClientWriter::new(wr, fd);
+    let (rd, wr) = stream.into_split();
+    serve(shard, rd, ClientWriter::new(wr, fd))
+}
+
+async fn serve(shard: Rc<Shard>, mut rd: ClientRd, mut wr: ClientWr) {
     let mut b = Buffers {
-        inbuf: Vec::with_capacity(INBUF),
+        // Sized by the first bytes of a request, when they come (`fill_from_nothing`).
+        inbuf: Vec::new(),
         start: 0,
         request_end: 0,
         head: RequestHead::default(),
@@ -326,6 +333,31 @@ fn fit_request(b: &mut Buffers) {
     }
 }
 
+/// The first bytes of a request: taken as they are, and waited for without a buffer
+/// (`recv`), so a connection waiting for its next request holds none.
+async fn fill_from_nothing(
+    shard: &Shard,
+    rd: &mut ClientRd,
+    b: &mut Buffers,
+    deadline: Instant,
+) -> Fill {
+    let fd = recv::fd_of(rd);
+    loop {
+        match recv::recv_now(fd, &mut b.inbuf) {
+            Ok(0) => return Fill::Closed,
+            Ok(_) => return Fill::Data,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return Fill::Closed,
+        }
+        match shard.timers.timeout_at(deadline, recv::readable(rd)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Fill::Closed,
+            Err(_) => return Fill::TimedOut,
+        }
+    }
+}
+
 /// Reads into `inbuf` after its current bytes, until `deadline`.
 async fn fill(shard: &Shard, rd: &mut ClientRd, b: &mut Buffers, deadline: Instant) -> Fill {
     if b.start > 0 {
@@ -336,6 +368,9 @@ async fn fill(shard: &Shard, rd: &mut ClientRd, b: &mut Buffers, deadline: Insta
             b.inbuf.drain(..b.start);
             b.start = 0;
         }
+    }
+    if b.inbuf.is_empty() {
+        return fill_from_nothing(shard, rd, b, deadline).await;
     }
     if b.inbuf.capacity() - b.inbuf.len() < 1024 {
         b.inbuf.reserve(b.inbuf.capacity().max(INBUF));
@@ -1108,7 +1143,8 @@ async fn proxy(
 /// A new connection to a worker (the pool had none idle).
 async fn connect(shard: &Shard, worker: &Worker) -> std::io::Result<TcpStream> {
     let addr = worker.addr;
-    let s = match monoio::time::timeout(shard.cfg.connect_timeout, TcpStream::connect(addr)).await {
+    let deadline = Instant::now() + shard.cfg.connect_timeout;
+    let s = match shard.timers.timeout_at(deadline, TcpStream::connect(addr)).await {
         Ok(r) => r?,
         Err(_) => {
             return Err(std::io::Error::new(
@@ -1410,9 +1446,15 @@ async fn exchange<W: Future<Output = BufResult<usize, Vec<u8>>>>(
             }
         } else {
             loop {
-                // Boxed: connecting and sending take more state than relaying, and only the
-                // relay's should stay allocated for the length of a stream.
-                match Box::pin(attempt(shard, watch, wr, b, body, worker)).await {
+                let got = match Box::pin(send_request(shard, watch, wr, b, body, worker)).await {
+                    Sent::Sent {
+                        up,
+                        reused,
+                        asked_load,
+                    } => await_head(shard, watch, wr, b, worker, up, reused, asked_load).await,
+                    Sent::Not(a) => a,
+                };
+                match got {
                     Attempt::Head(up, head, asked_load) => {
                         let status = head.status;
                         if is_retryable_status(status) && attempts < retry.max_attempts {
@@ -1494,14 +1536,30 @@ async fn exchange<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     Next::KeepAlive
 }
 
-async fn attempt<W: Future<Output = BufResult<usize, Vec<u8>>>>(
+/// How sending the request to a worker went. Phase 4 on one worker is `send_request`, then
+/// `await_head`. Sending (a connect, perhaps, and the writes) takes the larger state and is
+/// boxed; the wait for the head, which lasts as long as the worker's queue and prefill
+/// (for thousands of requests at once in a burst), keeps only its own smaller state, in
+/// the connection's task.
+enum Sent {
+    /// On its way: `up` carries it (a pooled connection when `reused`).
+    Sent {
+        up: TcpStream,
+        reused: bool,
+        asked_load: bool,
+    },
+    /// Not sent: retry, or the client was answered.
+    Not(Attempt),
+}
+
+async fn send_request<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     shard: &Shard,
     watch: &mut Watch<'_, W>,
     wr: &mut ClientWr,
     b: &mut Buffers,
     body: &Body,
     w: &Worker,
-) -> Attempt {
+) -> Sent {
     let close = !b.head.keep_alive;
     let pooled = shard.pool.borrow_mut().take(w.slot, w.addr);
     let (mut up, reused) = match pooled {
@@ -1513,12 +1571,12 @@ async fn attempt<W: Future<Output = BufResult<usize, Vec<u8>>>>(
                 if shard.board.mark_down(w.slot, PASSIVE_DOWN) {
                     tracing::warn!(worker = %w.url, error = %e, "worker refused a connection; routing around it for {PASSIVE_DOWN:?}");
                 }
-                return Attempt::Retry {
+                return Sent::Not(Attempt::Retry {
                     error: format!("connect to {}: {e}", w.url),
                     same_worker: false,
-                };
+                });
             }
-            Err(i) => return Attempt::Done(interrupted(wr, b, i, close).await),
+            Err(i) => return Sent::Not(Attempt::Done(interrupted(wr, b, i, close).await)),
         },
     };
 
@@ -1580,7 +1638,7 @@ async fn attempt<W: Future<Output = BufResult<usize, Vec<u8>>>>(
         }
         Err(i) => {
             abort_upstream(&up);
-            return Attempt::Done(interrupted(wr, b, i, close).await);
+            return Sent::Not(Attempt::Done(interrupted(wr, b, i, close).await));
         }
     };
     let sent = match sent {
@@ -1604,25 +1662,43 @@ async fn attempt<W: Future<Output = BufResult<usize, Vec<u8>>>>(
                 }
                 Err(i) => {
                     abort_upstream(&up);
-                    return Attempt::Done(interrupted(wr, b, i, true).await);
+                    return Sent::Not(Attempt::Done(interrupted(wr, b, i, true).await));
                 }
             }
         }
         other => other,
     };
-    // The request is with the worker: its copy in `out` is not needed while we wait.
-    if b.out.capacity() > 2048 {
-        b.out = Vec::new();
-    }
+    // The request is with the worker: its copy in `out` is not kept while we wait.
+    b.out = Vec::new();
     if let Err(e) = sent {
         abort_upstream(&up);
         // Nothing was read back, so the worker did not act on a partial request.
-        return Attempt::Retry {
+        return Sent::Not(Attempt::Retry {
             error: format!("write to {}: {e}", w.url),
             same_worker: reused,
-        };
+        });
     }
     b.rec.sent = now_ns();
+    Sent::Sent {
+        up,
+        reused,
+        asked_load,
+    }
+}
+
+/// The worker's response head, after any interim (1xx) ones.
+#[allow(clippy::too_many_arguments)]
+async fn await_head<W: Future<Output = BufResult<usize, Vec<u8>>>>(
+    shard: &Shard,
+    watch: &mut Watch<'_, W>,
+    wr: &mut ClientWr,
+    b: &mut Buffers,
+    w: &Worker,
+    mut up: TcpStream,
+    reused: bool,
+    asked_load: bool,
+) -> Attempt {
+    let close = !b.head.keep_alive;
 
     // The response head.
     b.upbuf.clear();

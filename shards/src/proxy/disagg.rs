@@ -24,9 +24,9 @@ use monoio::net::TcpStream;
 use monoio::BufResult;
 
 use super::{
-    abort_upstream, attempt, count_attempt, exchange, interrupted, next_worker, relay_body,
-    respond_error, retry_worker, Attempt, Body, BodyLeft, Buffers, ClientWr, Deferred, InFlight,
-    Interrupt, Next, Outcome, Shard, Watch,
+    abort_upstream, await_head, count_attempt, exchange, interrupted, next_worker, relay_body,
+    respond_error, retry_worker, send_request, Attempt, Body, BodyLeft, Buffers, ClientWr,
+    Deferred, InFlight, Interrupt, Next, Outcome, Sent, Shard, Watch,
 };
 use crate::body::RequestFields;
 use crate::config::PdConfig;
@@ -230,7 +230,15 @@ async fn prefill_leg<'s, W: Future<Output = BufResult<usize, Vec<u8>>>>(
         }
         let _in_flight = InFlight::start(shard, worker.slot);
         loop {
-            match Box::pin(attempt(shard, watch, wr, b, &Body::Leg, worker)).await {
+            let got = match Box::pin(send_request(shard, watch, wr, b, &Body::Leg, worker)).await {
+                Sent::Sent {
+                    up,
+                    reused,
+                    asked_load,
+                } => await_head(shard, watch, wr, b, worker, up, reused, asked_load).await,
+                Sent::Not(a) => a,
+            };
+            match got {
                 Attempt::Head(up, head, asked_load) => {
                     let status = head.status;
                     if (200..300).contains(&status) {
