@@ -85,3 +85,56 @@ fn epoll_can_be_chosen() {
     assert_eq!(resp.status, 200);
     assert!(resp.text().ends_with("data: [DONE]\n\n"));
 }
+
+/// A connection's first request is read without a buffer posted in advance
+/// (shards/src/recv.rs: readiness, then a `recv()`), the next ones through the driver's
+/// reads: on each driver, a first head that arrives in two pieces, a request after an idle
+/// pause, and two requests in one write are all answered, in order.
+fn a_kept_alive_connection_is_served_request_after_request(driver: &str) {
+    use std::io::Write;
+    let m = mocks(1, |_| {});
+    let r = Router::start(&["--worker-urls", &m[0].url(), "--io-driver", driver]);
+    let mut s = r.connect();
+    let request = |n: u32| {
+        post_json(
+            "/v1/completions",
+            &format!(r#"{{"model":"mock-model","prompt":"request {n}","max_tokens":2}}"#),
+        )
+    };
+    let answered = |s: &mut std::net::TcpStream| {
+        let resp = read_response(s);
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        resp.json()["choices"][0]["text"].as_str().is_some()
+    };
+    // The first head in two pieces: the first recv takes a part, the driver's reads the rest.
+    let first = request(1);
+    s.write_all(&first[..10]).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    s.write_all(&first[10..]).unwrap();
+    assert!(answered(&mut s));
+    // Idle between requests.
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    s.write_all(&request(2)).unwrap();
+    assert!(answered(&mut s));
+    let third = request(3);
+    s.write_all(&third[..10]).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    s.write_all(&third[10..]).unwrap();
+    assert!(answered(&mut s));
+    // Two requests in one write: the second waits in the buffer, not on the socket.
+    let mut both = request(4);
+    both.extend_from_slice(&request(5));
+    s.write_all(&both).unwrap();
+    assert!(answered(&mut s));
+    assert!(answered(&mut s));
+}
+
+#[test]
+fn epoll_serves_a_kept_alive_connection_request_after_request() {
+    a_kept_alive_connection_is_served_request_after_request("epoll");
+}
+
+#[test]
+fn the_default_driver_serves_a_kept_alive_connection_request_after_request() {
+    a_kept_alive_connection_is_served_request_after_request("auto");
+}

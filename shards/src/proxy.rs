@@ -32,10 +32,10 @@ use crate::config::DataPlaneConfig;
 use crate::http::response::write_simple;
 use crate::http::{ApiError, BodyFraming, ChunkedDecoder, Method, ParseOutcome, RequestHead};
 use crate::metrics::{now_ns, Leg, RequestRecord, Route, ShardMetrics, WorkerCount};
+use crate::recv;
 use crate::retry::is_retryable_status;
 use crate::route::key::{body_session_key, routing_text, SESSION_HEADERS};
 use crate::route::{Candidates, RouteInput, Selector, Worker, WorkerSet};
-use crate::recv;
 use crate::send::{self, ClientWriter};
 use crate::sync::{Directory, LoadBoard};
 use crate::timer::{Timer, Timers};
@@ -246,6 +246,8 @@ struct Buffers {
     leg: Vec<u8>,
     /// The current request's facts, counted when it ends.
     rec: RequestRecord,
+    /// No request has been read on this connection yet.
+    fresh: bool,
 }
 
 enum Next {
@@ -300,6 +302,7 @@ async fn serve(shard: Rc<Shard>, mut rd: ClientRd, mut wr: ClientWr) {
         watch: Vec::new(),
         leg: Vec::new(),
         rec: RequestRecord::new(Route::Other, now_ns()),
+        fresh: true,
     };
     shard.metrics.connections.inc();
     let _closed = ConnectionClosed(&shard.metrics);
@@ -333,8 +336,12 @@ fn fit_request(b: &mut Buffers) {
     }
 }
 
-/// The first bytes of a request: taken as they are, and waited for without a buffer
-/// (`recv`), so a connection waiting for its next request holds none.
+/// A new connection's first bytes: taken as they are, usually there by now, and otherwise
+/// waited for without a buffer (`recv`), so a burst of new connections holds no buffer
+/// for requests still to come, and each request's buffer has its size. A kept-alive
+/// connection reads its next request through the ring, as before: in a closed loop the
+/// next request is never there yet, and the extra `recv()` and poll cost 6–11% more CPU
+/// per non-streamed request.
 async fn fill_from_nothing(
     shard: &Shard,
     rd: &mut ClientRd,
@@ -369,7 +376,7 @@ async fn fill(shard: &Shard, rd: &mut ClientRd, b: &mut Buffers, deadline: Insta
             b.start = 0;
         }
     }
-    if b.inbuf.is_empty() {
+    if b.inbuf.is_empty() && b.fresh {
         return fill_from_nothing(shard, rd, b, deadline).await;
     }
     if b.inbuf.capacity() - b.inbuf.len() < 1024 {
@@ -402,6 +409,7 @@ async fn read_head(shard: &Shard, rd: &mut ClientRd, b: &mut Buffers) -> Result<
                 .head
                 .parse(&b.inbuf[b.start..], shard.cfg.max_header_bytes)?;
             if let ParseOutcome::Complete = outcome {
+                b.fresh = false;
                 return Ok(true);
             }
         }
@@ -1144,7 +1152,11 @@ async fn proxy(
 async fn connect(shard: &Shard, worker: &Worker) -> std::io::Result<TcpStream> {
     let addr = worker.addr;
     let deadline = Instant::now() + shard.cfg.connect_timeout;
-    let s = match shard.timers.timeout_at(deadline, TcpStream::connect(addr)).await {
+    let s = match shard
+        .timers
+        .timeout_at(deadline, TcpStream::connect(addr))
+        .await
+    {
         Ok(r) => r?,
         Err(_) => {
             return Err(std::io::Error::new(

@@ -1,14 +1,16 @@
 //! Reads that hold no buffer while they wait. An io_uring read owns its buffer from the
-//! moment it is posted until the bytes come, so every connection waiting for a request
-//! (a new one, or one kept alive between requests) held a 4 KiB buffer: 40 MiB for 10,000
-//! of them, and the peak of a burst of new streams. Here a connection with nothing of a
-//! request yet first takes whatever already arrived with a non-blocking `recv()` into a
-//! stack buffer; only when nothing has, it waits for the socket to become readable (an
-//! io_uring poll, which owns no buffer) and tries again. The request's buffer is then
-//! allocated at the size of what came, as nginx does for its idle connections.
+//! moment it is posted until the bytes come, so every new connection held a 4 KiB buffer
+//! while its request came in: in a burst of thousands of new streams, that was the peak
+//! the process's memory never came down from. Here a new connection first takes whatever
+//! already arrived with a non-blocking `recv()` into a stack buffer; only when nothing
+//! has, it waits for the socket to become readable (an io_uring poll, which owns no
+//! buffer) and tries again. The request's buffer is then allocated at the size of what
+//! came, as nginx does for its idle connections.
 //!
 //! A new connection's request has usually arrived by the time its task first runs, so its
-//! head costs one `recv()` and no ring operation at all.
+//! head costs one `recv()` and no ring operation at all. Kept-alive connections read their
+//! next request through the ring (proxy.rs, `fill`): in a closed loop it is never there
+//! yet, and the failed `recv()` and the poll would cost more than the ring's read.
 
 use std::io;
 use std::mem::MaybeUninit;
