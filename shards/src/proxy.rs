@@ -8,9 +8,9 @@
 //! pipelines meanwhile are kept for the next request.
 
 use std::cell::{Cell, RefCell};
-use std::future::{poll_fn, Future};
+use std::future::Future;
 use std::os::fd::AsRawFd;
-use std::pin::{pin, Pin};
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::Poll;
@@ -25,7 +25,7 @@ use monoio::time::Instant;
 use monoio::BufResult;
 
 use crate::admin::{is_admin_path, AdminCall};
-use crate::admission::ShardAdmission;
+use crate::admission::{Permit, ShardAdmission};
 use crate::body::parse_fields;
 use crate::breaker::{Admit, Breakers};
 use crate::config::DataPlaneConfig;
@@ -49,6 +49,8 @@ mod grpc_pd;
 pub use disagg::PdRouting;
 
 type ClientRd = OwnedReadHalf<TcpStream>;
+/// The client watch's read.
+type ClientRead<'a> = dyn Future<Output = BufResult<usize, Vec<u8>>> + 'a;
 type ClientWr = ClientWriter<OwnedWriteHalf<TcpStream>>;
 
 /// A shard's state, shared by its connection tasks (single-threaded, so `RefCell`).
@@ -255,6 +257,45 @@ enum Next {
     Close,
 }
 
+/// How a request's phases ended: answered, or with a worker's response to relay from the
+/// top of the connection's task (`relay_response`).
+enum Handled<'a> {
+    Done(Next),
+    /// Boxed: the connection's task would otherwise reserve room for it while a request
+    /// is still being read and routed.
+    Relay(Box<Relay<'a>>),
+}
+
+/// A worker's response to relay once the phases that asked for it have returned. Their
+/// state (routing, retries, the exchange) is freed by then; a stream would otherwise hold
+/// it for its whole length, and with thousands of streams open that was most of the
+/// router's memory.
+struct Relay<'a> {
+    watch: Watch<'a>,
+    response: Response<'a>,
+    /// The request's admission, held until its last byte.
+    permit: Option<Permit<'a>>,
+    /// Whether the client's request allows another on its connection.
+    keep_alive: bool,
+}
+
+/// How an exchange with workers ended: answered (or the client left), or with a worker's
+/// response head in hand and its body to relay.
+enum Answer<'a> {
+    Done(Next),
+    Relay(Response<'a>),
+}
+
+/// A worker's response whose head arrived: what relaying its body takes.
+struct Response<'a> {
+    worker: Arc<Worker>,
+    up: TcpStream,
+    head: ResponseHead,
+    how: ClientHead,
+    /// The request counts in the worker's load until the response's last byte.
+    _in_flight: InFlight<'a>,
+}
+
 enum Body {
     /// `len` bytes right after the head in `inbuf`.
     Inline(usize),
@@ -318,7 +359,18 @@ async fn serve(shard: Rc<Shard>, mut rd: ClientRd, mut wr: ClientWr) {
                 return;
             }
         }
-        match handle_request(&shard, &mut rd, &mut wr, &mut b).await {
+        // Boxed: the request's phases take most of a connection's state, and it is freed
+        // before a response streams.
+        let next = match Box::pin(handle_request(&shard, &mut rd, &mut wr, &mut b)).await {
+            Handled::Done(next) => next,
+            Handled::Relay(mut relay) => {
+                let (next, reusable) = relay_response(&shard, &mut wr, &mut b, &mut relay).await;
+                let relay = *relay;
+                reuse_upstream(&shard, relay.response, reusable);
+                next
+            }
+        };
+        match next {
             // A draining router finishes the request it has, then lets the client go.
             Next::KeepAlive if !shard.is_draining() => {}
             _ => return,
@@ -539,23 +591,47 @@ async fn respond_error(wr: &mut ClientWr, b: &mut Buffers, e: &ApiError, close: 
 
 /// Phases 2–5 for the request whose head is in `b.head`, then its count in the metrics
 /// (and its access log line).
-async fn handle_request(
-    shard: &Shard,
-    rd: &mut ClientRd,
+async fn handle_request<'a>(
+    shard: &'a Shard,
+    rd: &'a mut ClientRd,
     wr: &mut ClientWr,
     b: &mut Buffers,
-) -> Next {
+) -> Handled<'a> {
     let s = b.start;
     let path = &b.inbuf[s + b.head.path.start..s + b.head.path.end];
     let path = path.split(|&c| c == b'?').next().unwrap_or(path);
     b.rec = RequestRecord::new(Route::of(path), now_ns());
-    let next = handle_request_phases(shard, rd, wr, b).await;
+    let handled = handle_request_phases(shard, rd, wr, b).await;
+    if let Handled::Done(_) = handled {
+        count_request(shard, b);
+    }
+    handled
+}
+
+/// Phase 5 from the top of the connection's task: the response's body relayed, then what
+/// the phases below did after it (the watch settled, the request's bytes let go, its count
+/// in the metrics). The caller holds `relay`, so the task does not keep a second copy of
+/// it, and reuses the worker connection when this says it can.
+async fn relay_response(
+    shard: &Shard,
+    wr: &mut ClientWr,
+    b: &mut Buffers,
+    relay: &mut Relay<'_>,
+) -> (Next, bool) {
+    let (next, reusable) = relay_body(shard, &mut relay.watch, wr, b, &mut relay.response).await;
+    let next = relay.watch.settle(b, next).await;
+    let next = end_request_phases(b, next, relay.keep_alive);
+    count_request(shard, b);
+    (next, reusable)
+}
+
+/// The request's count in the metrics, and its access log line.
+fn count_request(shard: &Shard, b: &Buffers) {
     let end = now_ns();
     shard.metrics.record(&b.rec, end);
     if shard.cfg.access_log && !b.rec.skip {
         log_access(shard, b, end);
     }
-    next
 }
 
 /// One line per request: id, route, status, worker(s), times.
@@ -594,12 +670,12 @@ fn log_access(shard: &Shard, b: &Buffers, end: u64) {
     );
 }
 
-async fn handle_request_phases(
-    shard: &Shard,
-    rd: &mut ClientRd,
+async fn handle_request_phases<'a>(
+    shard: &'a Shard,
+    rd: &'a mut ClientRd,
     wr: &mut ClientWr,
     b: &mut Buffers,
-) -> Next {
+) -> Handled<'a> {
     b.rid.clear();
     if let Some(r) = b.head.request_id.clone() {
         let s = b.start;
@@ -615,9 +691,9 @@ async fn handle_request_phases(
         }
         Err(Some(e)) => {
             respond_error(wr, b, &e, true).await;
-            return Next::Close;
+            return Handled::Done(Next::Close);
         }
-        Err(None) => return Next::Close,
+        Err(None) => return Handled::Done(Next::Close),
     };
     let head_len = b.head.len;
     let consumed = head_len
@@ -633,7 +709,17 @@ async fn handle_request_phases(
     if b.inbuf.capacity() > b.inbuf.len() + INBUF {
         b.inbuf.shrink_to(b.inbuf.len());
     }
-    let next = route_request(shard, rd, wr, b, &body).await;
+    match route_request(shard, rd, wr, b, &body).await {
+        Handled::Done(next) => Handled::Done(end_request_phases(b, next, keep_alive)),
+        Handled::Relay(mut relay) => {
+            relay.keep_alive = keep_alive;
+            Handled::Relay(relay)
+        }
+    }
+}
+
+/// After a request's answer: its bytes let go, and whether its connection goes on.
+fn end_request_phases(b: &mut Buffers, next: Next, keep_alive: bool) -> Next {
     // A P/D leg's body, when the request ended before the relay released it.
     if b.leg.capacity() > KEEP_BETWEEN_REQUESTS {
         b.leg = Vec::new();
@@ -648,13 +734,13 @@ async fn handle_request_phases(
 }
 
 /// Phase 3: answer locally or send to a worker.
-async fn route_request(
-    shard: &Shard,
-    rd: &mut ClientRd,
+async fn route_request<'a>(
+    shard: &'a Shard,
+    rd: &'a mut ClientRd,
     wr: &mut ClientWr,
     b: &mut Buffers,
     body: &Body,
-) -> Next {
+) -> Handled<'a> {
     let method = b.head.method();
     let s = b.start;
     let full_path = &b.inbuf[s + b.head.path.start..s + b.head.path.end];
@@ -673,11 +759,11 @@ async fn route_request(
             401,
             "missing or invalid API key: send it as 'Authorization: Bearer <key>'",
         );
-        return if respond_error(wr, b, &e, close).await {
+        return Handled::Done(if respond_error(wr, b, &e, close).await {
             Next::KeepAlive
         } else {
             Next::Close
-        };
+        });
     }
     let mut routed: Option<Candidates> = None;
     // A gRPC worker's request, when parsed before routing.
@@ -805,15 +891,15 @@ async fn route_request(
             close,
             head_only,
         );
-        return if flush_out(wr, b).await {
+        return Handled::Done(if flush_out(wr, b).await {
             Next::KeepAlive
         } else {
             Next::Close
-        };
+        });
     }
     if set.is_empty() {
         respond_error(wr, b, &ApiError::new(503, "no worker is available"), close).await;
-        return Next::KeepAlive;
+        return Handled::Done(Next::KeepAlive);
     }
     let candidates = match routed {
         Some(c) => c,
@@ -825,17 +911,24 @@ async fn route_request(
             None,
         ),
     };
-    let _permit = match shard.admission.acquire().await {
+    let permit = match shard.admission.acquire().await {
         Ok(p) => p,
         Err(e) => {
-            return if respond_error(wr, b, &e, close).await {
+            return Handled::Done(if respond_error(wr, b, &e, close).await {
                 Next::KeepAlive
             } else {
                 Next::Close
-            };
+            });
         }
     };
-    proxy(shard, rd, wr, b, body, &set, candidates, prefill, prepared).await
+    match proxy(shard, rd, wr, b, body, &set, candidates, prefill, prepared).await {
+        Handled::Relay(mut relay) => {
+            // Held until the response's last byte.
+            relay.permit = Some(permit);
+            Handled::Relay(relay)
+        }
+        done => done,
+    }
 }
 
 /// The model, when every worker in `set` is a gRPC worker (then the router answers what
@@ -990,8 +1083,12 @@ enum Interrupt {
 /// request's, and once the response streams, the idle one. One timer serves both: it is
 /// set to the nearer, and when it fires after progress it is moved on rather than
 /// obeyed, so a busy stream costs no timer operation per read.
-struct Watch<'a, W> {
-    read: Pin<&'a mut W>,
+struct Watch<'a> {
+    /// The read on the client's socket. Boxed, so the watch can move: a response is relayed
+    /// from the top of the connection's task, after the phases that set it up returned.
+    read: Pin<Box<ClientRead<'a>>>,
+    /// Ends the read when the exchange is over (`settle`).
+    canceller: Option<Canceller>,
     state: WatchState,
     deadline: Timer<'a>,
     request_deadline: Instant,
@@ -1009,46 +1106,41 @@ enum WatchState {
     Gone,
 }
 
-impl<W: Future<Output = BufResult<usize, Vec<u8>>>> Watch<'_, W> {
+impl<'a> Watch<'a> {
     /// Runs `f` unless the client leaves or the deadline passes first.
-    async fn guard<F: Future>(&mut self, f: F) -> Result<F::Output, Interrupt> {
-        if let WatchState::Gone = self.state {
-            return Err(Interrupt::ClientGone);
+    fn guard<F: Future>(&mut self, f: F) -> Guarded<'_, 'a, F> {
+        Guarded { watch: self, f }
+    }
+
+    /// The exchange is over: whatever the client sent meanwhile (a pipelined request) is
+    /// kept for the next request, and the read is ended.
+    async fn settle(&mut self, b: &mut Buffers, next: Next) -> Next {
+        let pipelined = match std::mem::replace(&mut self.state, WatchState::Gone) {
+            WatchState::Pending => {
+                if let Some(c) = self.canceller.take() {
+                    let _ = c.cancel();
+                }
+                let (res, buf) = self.read.as_mut().await;
+                match res {
+                    Ok(n) if n > 0 => Some(buf),
+                    Ok(_) => {
+                        // EOF raced with the cancel: the client is gone.
+                        return Next::Close;
+                    }
+                    Err(_) => {
+                        b.watch = buf;
+                        None
+                    }
+                }
+            }
+            WatchState::Data(buf) => Some(buf),
+            WatchState::Gone => return Next::Close,
+        };
+        if let Some(buf) = pipelined {
+            b.inbuf.extend_from_slice(&buf);
+            b.watch = buf;
         }
-        let mut f = pin!(f);
-        poll_fn(|cx| {
-            if let Poll::Ready(v) = f.as_mut().poll(cx) {
-                return Poll::Ready(Ok(v));
-            }
-            if let WatchState::Pending = self.state {
-                if let Poll::Ready((res, buf)) = self.read.as_mut().poll(cx) {
-                    match res {
-                        Ok(n) if n > 0 => self.state = WatchState::Data(buf),
-                        _ => {
-                            self.state = WatchState::Gone;
-                            return Poll::Ready(Err(Interrupt::ClientGone));
-                        }
-                    }
-                }
-            }
-            while Pin::new(&mut self.deadline).poll(cx).is_ready() {
-                let now = Instant::now();
-                if now >= self.request_deadline {
-                    return Poll::Ready(Err(Interrupt::TimedOut));
-                }
-                match self.idle {
-                    Some(idle) if self.progress != self.progress_at_arm => {
-                        self.progress_at_arm = self.progress;
-                        let next = (now + idle).min(self.request_deadline);
-                        self.deadline.reset(next);
-                    }
-                    Some(_) => return Poll::Ready(Err(Interrupt::Idle)),
-                    None => return Poll::Ready(Err(Interrupt::TimedOut)),
-                }
-            }
-            Poll::Pending
-        })
-        .await
+        next
     }
 
     /// From now on, a worker silent for `idle` is cut.
@@ -1060,12 +1152,63 @@ impl<W: Future<Output = BufResult<usize, Vec<u8>>>> Watch<'_, W> {
     }
 }
 
+/// `f` under the watch (`Watch::guard`). A future of its own rather than an `async fn`,
+/// which would hold `f` twice (as its argument and pinned), in every state that waits on
+/// a worker, for every open request.
+struct Guarded<'w, 'a, F> {
+    watch: &'w mut Watch<'a>,
+    f: F,
+}
+
+impl<F: Future> Future for Guarded<'_, '_, F> {
+    type Output = Result<F::Output, Interrupt>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        // SAFETY: `f` is never moved out of the pinned struct; `watch` is a reference.
+        let this = unsafe { self.get_unchecked_mut() };
+        let watch = &mut *this.watch;
+        if let WatchState::Gone = watch.state {
+            return Poll::Ready(Err(Interrupt::ClientGone));
+        }
+        if let Poll::Ready(v) = unsafe { Pin::new_unchecked(&mut this.f) }.poll(cx) {
+            return Poll::Ready(Ok(v));
+        }
+        if let WatchState::Pending = watch.state {
+            if let Poll::Ready((res, buf)) = watch.read.as_mut().poll(cx) {
+                match res {
+                    Ok(n) if n > 0 => watch.state = WatchState::Data(buf),
+                    _ => {
+                        watch.state = WatchState::Gone;
+                        return Poll::Ready(Err(Interrupt::ClientGone));
+                    }
+                }
+            }
+        }
+        while Pin::new(&mut watch.deadline).poll(cx).is_ready() {
+            let now = Instant::now();
+            if now >= watch.request_deadline {
+                return Poll::Ready(Err(Interrupt::TimedOut));
+            }
+            match watch.idle {
+                Some(idle) if watch.progress != watch.progress_at_arm => {
+                    watch.progress_at_arm = watch.progress;
+                    let next = (now + idle).min(watch.request_deadline);
+                    watch.deadline.reset(next);
+                }
+                Some(_) => return Poll::Ready(Err(Interrupt::Idle)),
+                None => return Poll::Ready(Err(Interrupt::TimedOut)),
+            }
+        }
+        Poll::Pending
+    }
+}
+
 /// Phase 4 and 5 around the client watch: the exchange with a worker (in P/D mode, the
 /// prefill leg's first), then whatever the watch read is kept for the next request.
 #[allow(clippy::too_many_arguments)]
-async fn proxy(
-    shard: &Shard,
-    rd: &mut ClientRd,
+async fn proxy<'a>(
+    shard: &'a Shard,
+    rd: &'a mut ClientRd,
     wr: &mut ClientWr,
     b: &mut Buffers,
     body: &Body,
@@ -1073,18 +1216,20 @@ async fn proxy(
     candidates: Candidates,
     prefill: Option<(Rc<WorkerSet>, Candidates)>,
     prepared: Option<Box<grpc::Prepared>>,
-) -> Next {
+) -> Handled<'a> {
     let canceller = Canceller::new();
     let mut watch_buf = std::mem::take(&mut b.watch);
     watch_buf.clear();
     if watch_buf.capacity() < WATCH {
         watch_buf.reserve(WATCH);
     }
-    let read = pin!(rd.cancelable_read(watch_buf, canceller.handle()));
+    let read: Pin<Box<ClientRead<'_>>> =
+        Box::pin(rd.cancelable_read(watch_buf, canceller.handle()));
     let request_deadline = Instant::now() + shard.cfg.request_timeout;
     let deadline = shard.timers.at(request_deadline);
     let mut watch = Watch {
         read,
+        canceller: Some(canceller),
         state: WatchState::Pending,
         deadline,
         request_deadline,
@@ -1122,30 +1267,15 @@ async fn proxy(
             .await
         }
     };
-    let pipelined = match std::mem::replace(&mut watch.state, WatchState::Gone) {
-        WatchState::Pending => {
-            let _ = canceller.cancel();
-            let (res, buf) = watch.read.await;
-            match res {
-                Ok(n) if n > 0 => Some(buf),
-                Ok(_) => {
-                    // EOF raced with the cancel: the client is gone.
-                    return Next::Close;
-                }
-                Err(_) => {
-                    b.watch = buf;
-                    None
-                }
-            }
-        }
-        WatchState::Data(buf) => Some(buf),
-        WatchState::Gone => return Next::Close,
-    };
-    if let Some(buf) = pipelined {
-        b.inbuf.extend_from_slice(&buf);
-        b.watch = buf;
+    match next {
+        Answer::Done(next) => Handled::Done(watch.settle(b, next).await),
+        Answer::Relay(response) => Handled::Relay(Box::new(Relay {
+            watch,
+            response,
+            permit: None,
+            keep_alive: false,
+        })),
     }
-    next
 }
 
 /// A new connection to a worker (the pool had none idle).
@@ -1216,9 +1346,9 @@ enum Attempt {
 /// Candidates that were passively down when their turn came: tried after all others.
 #[derive(Default)]
 struct Deferred {
-    positions: [usize; 8],
-    n: usize,
-    replayed: usize,
+    positions: [u32; 8],
+    n: u8,
+    replayed: u8,
 }
 
 /// The worker for a retry: the next in the policy's order; when every worker has had its
@@ -1252,14 +1382,14 @@ fn next_worker<'s>(
     loop {
         let pos = match candidates.next() {
             Some(p) if !shard.board.is_usable(set.get(p).slot) && deferred.n < 8 => {
-                deferred.positions[deferred.n] = p;
+                deferred.positions[deferred.n as usize] = p as u32;
                 deferred.n += 1;
                 continue;
             }
             Some(p) => p,
             None if deferred.replayed < deferred.n => {
                 deferred.replayed += 1;
-                deferred.positions[deferred.replayed - 1]
+                deferred.positions[deferred.replayed as usize - 1] as usize
             }
             None => return None,
         };
@@ -1364,18 +1494,18 @@ impl Drop for Outcome<'_> {
 /// after a retryable status the next attempt waits the backoff first. The last attempt's
 /// answer, whatever it is, goes to the client.
 #[allow(clippy::too_many_arguments)]
-async fn exchange<W: Future<Output = BufResult<usize, Vec<u8>>>>(
-    shard: &Shard,
-    watch: &mut Watch<'_, W>,
+async fn exchange<'s>(
+    shard: &'s Shard,
+    watch: &mut Watch<'_>,
     wr: &mut ClientWr,
     b: &mut Buffers,
     body: &Body,
     set: &WorkerSet,
     mut candidates: Candidates,
     mut prepared: Option<Box<grpc::Prepared>>,
-) -> Next {
+) -> Answer<'s> {
     let close = !b.head.keep_alive;
-    let retry = shard.cfg.retry;
+    let retry = &shard.cfg.retry;
     let mut last_error = String::new();
     let mut deferred = Deferred::default();
     let mut attempts = 0u32;
@@ -1383,7 +1513,8 @@ async fn exchange<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     let order = candidates.clone();
     b.rec.attempts = 0;
     // A path gRPC workers do not serve, answered so if no HTTP worker serves it either.
-    let mut not_served: Option<frontend::openai::OpenAiError> = None;
+    // Boxed: rare, and the exchange's state is held by every request waiting for a head.
+    let mut not_served: Option<Box<frontend::openai::OpenAiError>> = None;
     // The status a client gets when every attempt failed (a gRPC engine's UNAVAILABLE: 503).
     let mut last_status = 502;
     let mut next = next_worker(shard, set, &mut candidates, &mut deferred);
@@ -1412,12 +1543,12 @@ async fn exchange<W: Future<Output = BufResult<usize, Vec<u8>>>>(
         if backoff {
             let wait = retry.backoff(attempts - 1, fastrand::f64());
             if let Err(i) = watch.guard(shard.timers.at(Instant::now() + wait)).await {
-                return interrupted(wr, b, i, close).await;
+                return Answer::Done(Box::pin(interrupted(wr, b, i, close)).await);
             }
         }
         // Counted in the worker's load from the moment it is chosen until its response
         // ended (a stream's last byte), on whichever path this attempt leaves.
-        let _in_flight = InFlight::start(shard, worker.slot);
+        let in_flight = InFlight::start(shard, worker.slot);
         if worker.protocol == crate::route::Protocol::Grpc {
             // Boxed, as the HTTP attempt: only gRPC requests carry its state.
             match Box::pin(grpc::attempt(
@@ -1441,7 +1572,7 @@ async fn exchange<W: Future<Output = BufResult<usize, Vec<u8>>>>(
                 grpc::GrpcAttempt::NotServed(e) => {
                     // Not the worker's failure: an HTTP worker may serve it.
                     last_error = e.message.clone();
-                    not_served = Some(e);
+                    not_served = Some(Box::new(e));
                     backoff = false;
                 }
                 grpc::GrpcAttempt::Done {
@@ -1453,7 +1584,7 @@ async fn exchange<W: Future<Output = BufResult<usize, Vec<u8>>>>(
                     } else if !b.rec.client_gone {
                         outcome.success();
                     }
-                    return next;
+                    return Answer::Done(next);
                 }
             }
         } else {
@@ -1503,7 +1634,13 @@ async fn exchange<W: Future<Output = BufResult<usize, Vec<u8>>>>(
                             dechunk: false,
                             strip_load_report: asked_load,
                         };
-                        return relay_body(shard, watch, wr, b, worker, up, head, how).await;
+                        return Answer::Relay(Response {
+                            worker: worker.clone(),
+                            up,
+                            head,
+                            how,
+                            _in_flight: in_flight,
+                        });
                     }
                     Attempt::Retry { error, same_worker } => {
                         if same_worker {
@@ -1517,7 +1654,7 @@ async fn exchange<W: Future<Output = BufResult<usize, Vec<u8>>>>(
                         backoff = false;
                         break;
                     }
-                    Attempt::Done(next) => return next,
+                    Attempt::Done(next) => return Answer::Done(next),
                 }
             }
         }
@@ -1533,7 +1670,7 @@ async fn exchange<W: Future<Output = BufResult<usize, Vec<u8>>>>(
         }
     }
     if let Some(e) = not_served {
-        return grpc::respond_openai_error(wr, b, &e).await;
+        return Answer::Done(grpc::respond_openai_error(wr, b, &e).await);
     }
     let e = if attempts == 0 {
         ApiError::new(503, "no worker is available")
@@ -1545,7 +1682,7 @@ async fn exchange<W: Future<Output = BufResult<usize, Vec<u8>>>>(
         )
     };
     respond_error(wr, b, &e, close).await;
-    Next::KeepAlive
+    Answer::Done(Next::KeepAlive)
 }
 
 /// How sending the request to a worker went. Phase 4 on one worker is `send_request`, then
@@ -1564,9 +1701,9 @@ enum Sent {
     Not(Attempt),
 }
 
-async fn send_request<W: Future<Output = BufResult<usize, Vec<u8>>>>(
+async fn send_request(
     shard: &Shard,
-    watch: &mut Watch<'_, W>,
+    watch: &mut Watch<'_>,
     wr: &mut ClientWr,
     b: &mut Buffers,
     body: &Body,
@@ -1588,7 +1725,9 @@ async fn send_request<W: Future<Output = BufResult<usize, Vec<u8>>>>(
                     same_worker: false,
                 });
             }
-            Err(i) => return Sent::Not(Attempt::Done(interrupted(wr, b, i, close).await)),
+            Err(i) => {
+                return Sent::Not(Attempt::Done(Box::pin(interrupted(wr, b, i, close)).await))
+            }
         },
     };
 
@@ -1650,7 +1789,7 @@ async fn send_request<W: Future<Output = BufResult<usize, Vec<u8>>>>(
         }
         Err(i) => {
             abort_upstream(&up);
-            return Sent::Not(Attempt::Done(interrupted(wr, b, i, close).await));
+            return Sent::Not(Attempt::Done(Box::pin(interrupted(wr, b, i, close)).await));
         }
     };
     let sent = match sent {
@@ -1674,7 +1813,7 @@ async fn send_request<W: Future<Output = BufResult<usize, Vec<u8>>>>(
                 }
                 Err(i) => {
                     abort_upstream(&up);
-                    return Sent::Not(Attempt::Done(interrupted(wr, b, i, true).await));
+                    return Sent::Not(Attempt::Done(Box::pin(interrupted(wr, b, i, true)).await));
                 }
             }
         }
@@ -1700,9 +1839,9 @@ async fn send_request<W: Future<Output = BufResult<usize, Vec<u8>>>>(
 
 /// The worker's response head, after any interim (1xx) ones.
 #[allow(clippy::too_many_arguments)]
-async fn await_head<W: Future<Output = BufResult<usize, Vec<u8>>>>(
+async fn await_head(
     shard: &Shard,
-    watch: &mut Watch<'_, W>,
+    watch: &mut Watch<'_>,
     wr: &mut ClientWr,
     b: &mut Buffers,
     w: &Worker,
@@ -1740,13 +1879,13 @@ async fn await_head<W: Future<Output = BufResult<usize, Vec<u8>>>>(
             }
             Ok(None) if b.upbuf.len() >= MAX_RESPONSE_HEAD => {
                 abort_upstream(&up);
-                return bad_gateway(wr, b, "worker response head too large", close).await;
+                return Box::pin(bad_gateway(wr, b, "worker response head too large", close)).await;
             }
             Ok(None) => {}
             Err(e) => {
                 abort_upstream(&up);
-                return bad_gateway(wr, b, &format!("malformed worker response: {e:?}"), close)
-                    .await;
+                let msg = format!("malformed worker response: {e:?}");
+                return Box::pin(bad_gateway(wr, b, &msg, close)).await;
             }
         }
         if b.upbuf.capacity() - b.upbuf.len() < 1024 {
@@ -1783,7 +1922,7 @@ async fn await_head<W: Future<Output = BufResult<usize, Vec<u8>>>>(
             }
             Err(i) => {
                 abort_upstream(&up);
-                return Attempt::Done(interrupted(wr, b, i, close).await);
+                return Attempt::Done(Box::pin(interrupted(wr, b, i, close)).await);
             }
         }
     }
@@ -1799,7 +1938,9 @@ async fn bad_gateway(wr: &mut ClientWr, b: &mut Buffers, msg: &str, close: bool)
 }
 
 /// Before any response byte went to the client: a timeout is a 504; a client that left
-/// gets nothing.
+/// gets nothing. Callers await it boxed, as `bad_gateway`: writing an answer is the largest
+/// state of the phases that wait on a worker, and the rarest, and every request waiting
+/// for its head would otherwise carry room for it.
 async fn interrupted(wr: &mut ClientWr, b: &mut Buffers, i: Interrupt, close: bool) -> Next {
     match i {
         Interrupt::ClientGone => {
@@ -1874,16 +2015,23 @@ impl BodyLeft {
 
 /// Phase 5: the head to the client, then body bytes as they arrive, unmodified.
 #[allow(clippy::too_many_arguments)]
-async fn relay_body<W: Future<Output = BufResult<usize, Vec<u8>>>>(
+async fn relay_body(
     shard: &Shard,
-    watch: &mut Watch<'_, W>,
+    watch: &mut Watch<'_>,
     wr: &mut ClientWr,
     b: &mut Buffers,
-    worker: &Arc<Worker>,
-    mut up: TcpStream,
-    head: ResponseHead,
-    mut how: ClientHead,
-) -> Next {
+    r: &mut Response<'_>,
+) -> (Next, bool) {
+    let Response {
+        worker,
+        up,
+        head,
+        how,
+        ..
+    } = r;
+    let worker: &Worker = worker;
+    let head: &ResponseHead = head;
+    let mut how = *how;
     let mut left = match head.framing {
         ResponseFraming::None => BodyLeft::Done,
         ResponseFraming::Length(0) => BodyLeft::Done,
@@ -1907,12 +2055,12 @@ async fn relay_body<W: Future<Output = BufResult<usize, Vec<u8>>>>(
         .inc();
     b.out.clear();
     b.out.reserve(head.len + 64 + b.rid.len());
-    write_client_head(&mut b.out, &b.upbuf, &head, &b.rid, how);
+    write_client_head(&mut b.out, &b.upbuf, head, &b.rid, how);
     let early = &b.upbuf[head.len..];
     let payload = if dechunk { Some(&mut b.out) } else { None };
     let Ok(n) = left.take(early, payload) else {
-        abort_upstream(&up);
-        return Next::Close;
+        abort_upstream(up);
+        return (Next::Close, false);
     };
     if n < early.len() {
         reusable = false;
@@ -1922,9 +2070,9 @@ async fn relay_body<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     }
     let body_bytes = n > 0;
     if !flush_out(wr, b).await {
-        abort_upstream(&up);
+        abort_upstream(up);
         b.rec.client_gone = true;
-        return Next::Close;
+        return (Next::Close, false);
     }
     let now = now_ns();
     b.rec.client_head = now;
@@ -1942,12 +2090,12 @@ async fn relay_body<W: Future<Output = BufResult<usize, Vec<u8>>>>(
             Ok(r) => r,
             Err(Interrupt::ClientGone) => {
                 // The worker must stop generating now.
-                abort_upstream(&up);
+                abort_upstream(up);
                 b.rec.client_gone = true;
-                return Next::Close;
+                return (Next::Close, false);
             }
             Err(i) => {
-                abort_upstream(&up);
+                abort_upstream(up);
                 cut_mid_stream(shard, b, worker);
                 let why = if let Interrupt::Idle = i {
                     if let Some(suppressed) = shard.warn_silent.pass() {
@@ -1957,8 +2105,9 @@ async fn relay_body<W: Future<Output = BufResult<usize, Vec<u8>>>>(
                 } else {
                     "the request took longer than --request-timeout-secs"
                 };
-                return end_with_error(wr, &left, dechunk, head.event_stream, close_client, why)
-                    .await;
+                let next =
+                    end_with_error(wr, &left, dechunk, head.event_stream, close_client, why).await;
+                return (next, false);
             }
         };
         watch.progress += 1;
@@ -1967,14 +2116,14 @@ async fn relay_body<W: Future<Output = BufResult<usize, Vec<u8>>>>(
             b.upbuf = buf;
             if let BodyLeft::UntilClose = left {
                 // EOF ends an until-close body.
-                return Next::Close;
+                return (Next::Close, false);
             }
             // The worker closed (or reset) mid-body.
             cut_mid_stream(shard, b, worker);
             if let Some(suppressed) = shard.warn_closed.pass() {
                 tracing::warn!(worker = %worker.url, suppressed, "worker closed the connection mid-response");
             }
-            return end_with_error(
+            let next = end_with_error(
                 wr,
                 &left,
                 dechunk,
@@ -1983,14 +2132,15 @@ async fn relay_body<W: Future<Output = BufResult<usize, Vec<u8>>>>(
                 "the worker closed the connection mid-response",
             )
             .await;
+            return (next, false);
         }
         b.decoded.clear();
         let payload = if dechunk { Some(&mut b.decoded) } else { None };
         let n = match left.take(&buf[..got], payload) {
             Ok(n) => n,
             Err(()) => {
-                abort_upstream(&up);
-                return Next::Close;
+                abort_upstream(up);
+                return (Next::Close, false);
             }
         };
         if n < got {
@@ -2018,9 +2168,9 @@ async fn relay_body<W: Future<Output = BufResult<usize, Vec<u8>>>>(
             res
         };
         if res.is_err() {
-            abort_upstream(&up);
+            abort_upstream(up);
             b.rec.client_gone = true;
-            return Next::Close;
+            return (Next::Close, false);
         }
         if b.rec.first_body == 0 {
             b.rec.first_body = now_ns();
@@ -2030,19 +2180,40 @@ async fn relay_body<W: Future<Output = BufResult<usize, Vec<u8>>>>(
             b.upbuf.reserve(got * 2);
         }
     }
-    // Back to the pool only if the worker is still in the set now (it may have been
-    // removed while this response streamed).
-    if reusable && shard.current_workers().contains(worker) {
-        shard.pool.borrow_mut().put(worker.slot, worker.addr, up);
-    }
     if b.upbuf.capacity() > KEEP_BETWEEN_REQUESTS {
         b.upbuf = Vec::new();
     }
-    if close_client {
+    let next = if close_client {
         Next::Close
     } else {
         Next::KeepAlive
+    };
+    (next, reusable)
+}
+
+/// After a response's body: its worker connection back to the pool when it can carry
+/// another request and the worker is still in the set (it may have been removed while
+/// the response streamed).
+fn reuse_upstream(shard: &Shard, r: Response<'_>, reusable: bool) {
+    if reusable && shard.current_workers().contains(&r.worker) {
+        shard
+            .pool
+            .borrow_mut()
+            .put(r.worker.slot, r.worker.addr, r.up);
     }
+}
+
+/// Phase 5 where the response arrived (a P/D prefill worker's refusal, passed on).
+async fn relay_here(
+    shard: &Shard,
+    watch: &mut Watch<'_>,
+    wr: &mut ClientWr,
+    b: &mut Buffers,
+    mut r: Response<'_>,
+) -> Next {
+    let (next, reusable) = relay_body(shard, watch, wr, b, &mut r).await;
+    reuse_upstream(shard, r, reusable);
+    next
 }
 
 /// The worker failed mid-response: its breaker and the counts hear of it.

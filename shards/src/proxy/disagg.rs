@@ -15,18 +15,16 @@
 //! prefill connection shut at once (vLLM aborts the prefill), as during decode.
 
 use std::cell::RefCell;
-use std::future::Future;
 use std::rc::Rc;
 use std::sync::Arc;
 
 use monoio::io::AsyncReadRent;
 use monoio::net::TcpStream;
-use monoio::BufResult;
 
 use super::{
-    abort_upstream, await_head, count_attempt, exchange, interrupted, next_worker, relay_body,
-    respond_error, retry_worker, send_request, Attempt, Body, BodyLeft, Buffers, ClientWr,
-    Deferred, InFlight, Interrupt, Next, Outcome, Sent, Shard, Watch,
+    abort_upstream, await_head, count_attempt, exchange, interrupted, next_worker, relay_here,
+    respond_error, retry_worker, send_request, Answer, Attempt, Body, BodyLeft, Buffers, ClientWr,
+    Deferred, InFlight, Interrupt, Next, Outcome, Response, Sent, Shard, Watch,
 };
 use crate::body::RequestFields;
 use crate::config::PdConfig;
@@ -93,15 +91,15 @@ impl PdRouting {
 }
 
 /// The prefill leg on `prefill`, then the decode leg on `decode`.
-pub(super) async fn exchange_pd<W: Future<Output = BufResult<usize, Vec<u8>>>>(
-    shard: &Shard,
-    watch: &mut Watch<'_, W>,
+pub(super) async fn exchange_pd<'s>(
+    shard: &'s Shard,
+    watch: &mut Watch<'_>,
     wr: &mut ClientWr,
     b: &mut Buffers,
     body: &Body,
     prefill: (&WorkerSet, Candidates),
     decode: (&WorkerSet, Candidates),
-) -> Next {
+) -> Answer<'s> {
     let close = !b.head.keep_alive;
     b.rec.pd = true;
     b.rec.leg = Leg::Prefill;
@@ -117,12 +115,12 @@ pub(super) async fn exchange_pd<W: Future<Output = BufResult<usize, Vec<u8>>>>(
         .map(|index| index.prefill_leg(KvTransferParams::NIXL_PREFILL, &mut leg));
     b.leg = leg;
     if let Err(e) = spliced {
-        return answer(wr, b, ApiError::bad_request(e.to_string()), close).await;
+        return Answer::Done(answer(wr, b, ApiError::bad_request(e.to_string()), close).await);
     }
 
     let (response, worker) = match prefill_leg(shard, watch, wr, b, prefill.0, prefill.1).await {
         Ok(r) => r,
-        Err(next) => return next,
+        Err(next) => return Answer::Done(next),
     };
 
     // The decode leg's body. (The prefill leg's own time first: the record keeps one
@@ -154,11 +152,11 @@ pub(super) async fn exchange_pd<W: Future<Output = BufResult<usize, Vec<u8>>>>(
                 "the prefill worker answered without kv_transfer_params (is it running vLLM \
                  with a NIXL --kv-transfer-config?)",
             );
-            return answer(wr, b, e, close).await;
+            return Answer::Done(answer(wr, b, e, close).await);
         }
         Err(e) => {
             let e = ApiError::new(502, format!("the prefill worker's response: {e}"));
-            return answer(wr, b, e, close).await;
+            return Answer::Done(answer(wr, b, e, close).await);
         }
     };
     let mut leg = std::mem::take(&mut b.leg);
@@ -168,7 +166,7 @@ pub(super) async fn exchange_pd<W: Future<Output = BufResult<usize, Vec<u8>>>>(
     b.leg = leg;
     if let Err(e) = spliced {
         // Parsed fine for the prefill leg: cannot happen, but never send a broken leg.
-        return answer(wr, b, ApiError::bad_request(e.to_string()), close).await;
+        return Answer::Done(answer(wr, b, ApiError::bad_request(e.to_string()), close).await);
     }
     drop(response);
     exchange(shard, watch, wr, b, &Body::Leg, decode.0, decode.1, None).await
@@ -194,9 +192,9 @@ async fn answer(wr: &mut ClientWr, b: &mut Buffers, e: ApiError, close: bool) ->
 
 /// The prefill leg (its body in `b.leg`): a 2xx response's body and the worker that sent
 /// it, or the client has been answered (`Err`).
-async fn prefill_leg<'s, W: Future<Output = BufResult<usize, Vec<u8>>>>(
+async fn prefill_leg<'s>(
     shard: &Shard,
-    watch: &mut Watch<'_, W>,
+    watch: &mut Watch<'_>,
     wr: &mut ClientWr,
     b: &mut Buffers,
     set: &'s WorkerSet,
@@ -225,10 +223,10 @@ async fn prefill_leg<'s, W: Future<Output = BufResult<usize, Vec<u8>>>>(
                 .guard(shard.timers.at(monoio::time::Instant::now() + wait))
                 .await
             {
-                return Err(interrupted(wr, b, i, close).await);
+                return Err(Box::pin(interrupted(wr, b, i, close)).await);
             }
         }
-        let _in_flight = InFlight::start(shard, worker.slot);
+        let in_flight = InFlight::start(shard, worker.slot);
         loop {
             let got = match Box::pin(send_request(shard, watch, wr, b, &Body::Leg, worker)).await {
                 Sent::Sent {
@@ -253,7 +251,7 @@ async fn prefill_leg<'s, W: Future<Output = BufResult<usize, Vec<u8>>>>(
                                 return Ok((body, worker));
                             }
                             Err(ReadError::Interrupted(i)) => {
-                                return Err(interrupted(wr, b, i, close).await)
+                                return Err(Box::pin(interrupted(wr, b, i, close)).await)
                             }
                             Err(ReadError::TooLarge) => {
                                 outcome.failure();
@@ -309,7 +307,14 @@ async fn prefill_leg<'s, W: Future<Output = BufResult<usize, Vec<u8>>>>(
                         dechunk: false,
                         strip_load_report: asked_load,
                     };
-                    return Err(relay_body(shard, watch, wr, b, worker, up, head, how).await);
+                    let response = Response {
+                        worker: worker.clone(),
+                        up,
+                        head,
+                        how,
+                        _in_flight: in_flight,
+                    };
+                    return Err(relay_here(shard, watch, wr, b, response).await);
                 }
                 Attempt::Retry { error, same_worker } => {
                     if same_worker {
@@ -356,9 +361,9 @@ enum ReadError {
 
 /// The whole body of a response whose head is `head` (its first bytes in `b.upbuf`); the
 /// connection goes back to the pool when it can carry another request.
-async fn read_response<W: Future<Output = BufResult<usize, Vec<u8>>>>(
+async fn read_response(
     shard: &Shard,
-    watch: &mut Watch<'_, W>,
+    watch: &mut Watch<'_>,
     b: &mut Buffers,
     worker: &Arc<Worker>,
     mut up: TcpStream,

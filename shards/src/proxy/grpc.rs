@@ -14,7 +14,6 @@ use frontend::openai::{Endpoint, Generation, OpenAiError, Responder};
 use grpc_proto::engine::{AbortRequest, AbortResponse, GenerateRequest, GenerateResponse};
 use grpc_proto::path;
 use h2::client::SendRequest;
-use monoio::BufResult;
 
 use super::{
     interrupted, release_request, Body, Buffers, ClientWr, Interrupt, Next, Shard, Watch,
@@ -153,9 +152,9 @@ pub(super) fn prepare(shard: &Shard, b: &Buffers, body: &Body) -> Result<Prepare
 
 /// One attempt on the gRPC worker `w`.
 #[allow(clippy::too_many_arguments)]
-pub(super) async fn attempt<W: Future<Output = BufResult<usize, Vec<u8>>>>(
+pub(super) async fn attempt(
     shard: &Shard,
-    watch: &mut Watch<'_, W>,
+    watch: &mut Watch<'_>,
     wr: &mut ClientWr,
     b: &mut Buffers,
     body: &Body,
@@ -188,7 +187,7 @@ pub(super) async fn attempt<W: Future<Output = BufResult<usize, Vec<u8>>>>(
                 status: 502,
             };
         }
-        Err(i) => return done(interrupted(wr, b, i, close).await, false),
+        Err(i) => return done(Box::pin(interrupted(wr, b, i, close)).await, false),
     };
     let mut calls: Vec<Call> = Vec::with_capacity(p.requests.len());
     for req in &p.requests {
@@ -218,7 +217,7 @@ pub(super) async fn attempt<W: Future<Output = BufResult<usize, Vec<u8>>>>(
             }
             Err(i) => {
                 abort(&send, w, &p.requests[..calls.len()]);
-                return done(interrupted(wr, b, i, close).await, false);
+                return done(Box::pin(interrupted(wr, b, i, close)).await, false);
             }
         }
     }
@@ -244,7 +243,7 @@ pub(super) async fn attempt<W: Future<Output = BufResult<usize, Vec<u8>>>>(
         }
         Err(i) => {
             abort(&send, w, &p.requests);
-            return done(interrupted(wr, b, i, close).await, false);
+            return done(Box::pin(interrupted(wr, b, i, close)).await, false);
         }
     };
     Box::pin(relay(shard, watch, wr, b, w, &send, p, calls, first)).await
@@ -323,9 +322,9 @@ fn frame_chunk(out: &mut Vec<u8>, events: &[u8]) {
 
 /// Phase 5: the engine's messages, rendered, to the client.
 #[allow(clippy::too_many_arguments)]
-async fn relay<W: Future<Output = BufResult<usize, Vec<u8>>>>(
+async fn relay(
     shard: &Shard,
-    watch: &mut Watch<'_, W>,
+    watch: &mut Watch<'_>,
     wr: &mut ClientWr,
     b: &mut Buffers,
     w: &Arc<Worker>,

@@ -5,18 +5,15 @@
 //! request id. Failures before the decode leg move the prefill to another prefill worker
 //! (connection failures, UNAVAILABLE), or reach the client as the engine's refusal.
 
-use std::future::Future;
-
 use frontend::openai::OpenAiError;
 use grpc_proto::engine::generate_response::Response;
 use grpc_proto::engine::{GenerateRequest, GenerateResponse};
 use grpc_proto::path;
-use monoio::BufResult;
 
 use super::grpc::{engine_error, respond_openai_error, Prepared};
 use super::{
-    count_attempt, exchange, interrupted, next_worker, retry_worker, Body, Buffers, ClientWr,
-    Deferred, InFlight, Interrupt, Next, Outcome, Shard, Watch, PASSIVE_DOWN,
+    count_attempt, exchange, interrupted, next_worker, retry_worker, Answer, Body, Buffers,
+    ClientWr, Deferred, InFlight, Interrupt, Next, Outcome, Shard, Watch, PASSIVE_DOWN,
 };
 use crate::grpc::{call, GrpcError};
 use crate::metrics::{now_ns, Leg};
@@ -30,9 +27,9 @@ enum Stop {
 }
 
 /// The prefill leg of `req` on `w`: the transfer parameters its engine returned, if any.
-async fn prefill_once<W: Future<Output = BufResult<usize, Vec<u8>>>>(
+async fn prefill_once(
     shard: &Shard,
-    watch: &mut Watch<'_, W>,
+    watch: &mut Watch<'_>,
     w: &Worker,
     req: &GenerateRequest,
 ) -> Result<Option<String>, Stop> {
@@ -90,9 +87,9 @@ fn prefill_request(decode: &GenerateRequest) -> GenerateRequest {
 /// Prefill on a worker from `candidates`, retried as plain mode retries; `Err` once the
 /// client has its answer (or left).
 #[allow(clippy::too_many_arguments)]
-async fn prefill_leg<W: Future<Output = BufResult<usize, Vec<u8>>>>(
+async fn prefill_leg(
     shard: &Shard,
-    watch: &mut Watch<'_, W>,
+    watch: &mut Watch<'_>,
     wr: &mut ClientWr,
     b: &mut Buffers,
     set: &WorkerSet,
@@ -127,7 +124,7 @@ async fn prefill_leg<W: Future<Output = BufResult<usize, Vec<u8>>>>(
                 outcome.success();
                 return Ok(kv);
             }
-            Err(Stop::Interrupted(i)) => return Err(interrupted(wr, b, i, close).await),
+            Err(Stop::Interrupted(i)) => return Err(Box::pin(interrupted(wr, b, i, close)).await),
             Err(Stop::Grpc(e)) if e.is_retryable() && attempts < retry.max_attempts => {
                 if let GrpcError::Transport(_) = e {
                     shard.grpc.forget(w.slot);
@@ -172,16 +169,16 @@ async fn prefill_leg<W: Future<Output = BufResult<usize, Vec<u8>>>>(
 
 /// The prefill legs (one per prompt), then the decode leg on `decode`.
 #[allow(clippy::too_many_arguments)]
-pub(super) async fn exchange_pd<W: Future<Output = BufResult<usize, Vec<u8>>>>(
-    shard: &Shard,
-    watch: &mut Watch<'_, W>,
+pub(super) async fn exchange_pd<'s>(
+    shard: &'s Shard,
+    watch: &mut Watch<'_>,
     wr: &mut ClientWr,
     b: &mut Buffers,
     body: &Body,
     prefill: (&WorkerSet, Candidates),
     decode: (&WorkerSet, Candidates),
     mut prepared: Box<Prepared>,
-) -> Next {
+) -> Answer<'s> {
     b.rec.pd = true;
     b.rec.leg = Leg::Prefill;
     let fallback = shard
@@ -192,7 +189,7 @@ pub(super) async fn exchange_pd<W: Future<Output = BufResult<usize, Vec<u8>>>>(
         let req = prefill_request(&prepared.requests[i]);
         let kv = match prefill_leg(shard, watch, wr, b, prefill.0, &prefill.1, &req).await {
             Ok(kv) => kv,
-            Err(next) => return next,
+            Err(next) => return Answer::Done(next),
         };
         match kv {
             Some(kv) => prepared.requests[i].kv_transfer_params_json = Some(kv),
@@ -212,7 +209,7 @@ pub(super) async fn exchange_pd<W: Future<Output = BufResult<usize, Vec<u8>>>>(
                      vLLM with a NIXL --kv-transfer-config?)",
                 );
                 e.status = 502;
-                return respond_openai_error(wr, b, &e).await;
+                return Answer::Done(respond_openai_error(wr, b, &e).await);
             }
         }
     }
