@@ -13,7 +13,7 @@ use std::cell::RefCell;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::future::{poll_fn, Future};
-use std::pin::{pin, Pin};
+use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
@@ -74,16 +74,11 @@ impl Timers {
     }
 
     /// Runs `f` until `deadline`: `Err(())` if the deadline came first.
-    pub async fn timeout_at<F: Future>(&self, deadline: Instant, f: F) -> Result<F::Output, ()> {
-        let mut timer = self.at(deadline);
-        let mut f = pin!(f);
-        poll_fn(|cx| {
-            if let Poll::Ready(v) = f.as_mut().poll(cx) {
-                return Poll::Ready(Ok(v));
-            }
-            Pin::new(&mut timer).poll(cx).map(Err)
-        })
-        .await
+    pub fn timeout_at<F: Future>(&self, deadline: Instant, f: F) -> Timeout<'_, F> {
+        Timeout {
+            timer: self.at(deadline),
+            f,
+        }
     }
 
     /// Timers set and not yet dropped.
@@ -185,6 +180,27 @@ impl Table {
             .into_iter()
             .filter(|Reverse((_, key, generation))| self.is_current(*key, *generation))
             .collect();
+    }
+}
+
+/// `f` until a deadline (`Timers::timeout_at`). A future of its own rather than an
+/// `async fn`, which would hold `f` twice (its argument, then pinned) in every task
+/// waiting on it.
+pub struct Timeout<'a, F> {
+    timer: Timer<'a>,
+    f: F,
+}
+
+impl<F: Future> Future for Timeout<'_, F> {
+    type Output = Result<F::Output, ()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // SAFETY: `f` is never moved out of the pinned struct; the timer is Unpin.
+        let this = unsafe { self.get_unchecked_mut() };
+        if let Poll::Ready(v) = unsafe { Pin::new_unchecked(&mut this.f) }.poll(cx) {
+            return Poll::Ready(Ok(v));
+        }
+        Pin::new(&mut this.timer).poll(cx).map(Err)
     }
 }
 
