@@ -5,6 +5,9 @@
 # process) caps N at ~9,900: the router holds two sockets per stream.
 #
 # Usage: perf/open_streams.sh [N] [ITL_MS] [TOKENS]   (default 9900 500 40)
+#        RAMP=SECS perf/open_streams.sh ...   streams arrive over SECS seconds (open loop,
+#        N/SECS a second) instead of all at once; keep SECS under the streams' length
+#        (TOKENS x ITL_MS) so that all N are open together.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-9900}; ITL=${2:-500}; TOKENS=${3:-40}
@@ -23,7 +26,12 @@ for _ in $(seq 50); do grep -q "listening on" "$work/router" && break; sleep 0.1
 url=$(awk '/listening on/ {print $NF}' "$work/router")
 rss() { awk '/VmRSS/ {print $2}' "/proc/$rpid/status"; }
 idle=$(rss)
-"$BIN/loadgen" --url "$url" --model mock-model --stream --concurrency "$N" --requests "$N" \
+if [ -n "${RAMP:-}" ]; then
+  arrival=(--rate "$(python3 -c "print($N / $RAMP)")" --max-connections "$N")
+else
+  arrival=(--concurrency "$N")
+fi
+"$BIN/loadgen" --url "$url" --model mock-model --stream "${arrival[@]}" --requests "$N" \
   --max-tokens "$TOKENS" --prompt-bytes 512 --timeout 120 --quiet --json >"$work/lg" &
 lg=$!
 peak=0; open_peak=0
@@ -33,11 +41,12 @@ while kill -0 "$lg" 2>/dev/null; do
   sleep 0.5
 done
 wait "$lg" || true
-python3 - "$work/lg" "$N" "$idle" "$peak" "$open_peak" <<'PY'
+python3 - "$work/lg" "$N" "$idle" "$peak" "$open_peak" "${RAMP:-}" <<'PY'
 import json, sys
-d = json.load(open(sys.argv[1])); n, idle, peak, fds = map(int, sys.argv[2:])
+d = json.load(open(sys.argv[1])); n, idle, peak, fds = map(int, sys.argv[2:6])
 s = d["streams"]
-print(f"{n} concurrent streams: router RSS idle {idle/1024:.1f} MiB, peak {peak/1024:.1f} MiB "
+how = f"arriving over {sys.argv[6]} s" if sys.argv[6] else "opened at once"
+print(f"{n} concurrent streams ({how}): router RSS idle {idle/1024:.1f} MiB, peak {peak/1024:.1f} MiB "
       f"({(peak-idle)/n:.2f} KiB per stream); peak open fds {fds}; "
       f"ok {d['requests']['ok']}, failed {d['requests']['failed']}, missing [DONE] {s['missing_done']}, "
       f"errors {d['errors']['by_kind']}")
