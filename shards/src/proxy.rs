@@ -2,6 +2,10 @@
 //! `read_head` → `read_body` → `route_request` (local answer, or a worker) →
 //! `exchange` (pooled connection, upstream request, response head) → `relay_body`.
 //!
+//! The phases up to the response head run in a box of their own, per request; the body is
+//! relayed from the top of the connection's task (`relay_response`) once they returned, so
+//! a stream holds only the relay's state for its length, not the routing's and retries'.
+//!
 //! While a request is with a worker, the client's socket is watched: a client that closes
 //! makes the router shut the upstream connection at once (that is how vLLM learns to abort
 //! the generation), and such a connection never returns to the pool. Bytes the client
@@ -292,8 +296,9 @@ struct Response<'a> {
     up: TcpStream,
     head: ResponseHead,
     how: ClientHead,
-    /// The request counts in the worker's load until the response's last byte.
-    _in_flight: InFlight<'a>,
+    /// The request counts in the worker's load until the response's last byte (then
+    /// `None`).
+    in_flight: Option<InFlight<'a>>,
 }
 
 enum Body {
@@ -590,7 +595,8 @@ async fn respond_error(wr: &mut ClientWr, b: &mut Buffers, e: &ApiError, close: 
 }
 
 /// Phases 2–5 for the request whose head is in `b.head`, then its count in the metrics
-/// (and its access log line).
+/// (and its access log line); or, when a worker's response is to be relayed, phases 2–4,
+/// and the rest from the top of the task (`relay_response`).
 async fn handle_request<'a>(
     shard: &'a Shard,
     rd: &'a mut ClientRd,
@@ -619,6 +625,7 @@ async fn relay_response(
     relay: &mut Relay<'_>,
 ) -> (Next, bool) {
     let (next, reusable) = relay_body(shard, &mut relay.watch, wr, b, &mut relay.response).await;
+    relay.response.in_flight = None;
     let next = relay.watch.settle(b, next).await;
     let next = end_request_phases(b, next, relay.keep_alive);
     count_request(shard, b);
@@ -1203,8 +1210,9 @@ impl<F: Future> Future for Guarded<'_, '_, F> {
     }
 }
 
-/// Phase 4 and 5 around the client watch: the exchange with a worker (in P/D mode, the
-/// prefill leg's first), then whatever the watch read is kept for the next request.
+/// Phase 4 around the client watch: the exchange with a worker (in P/D mode, the prefill
+/// leg's first). A response to relay leaves with the watch (`Handled::Relay`); otherwise
+/// whatever the watch read is kept for the next request.
 #[allow(clippy::too_many_arguments)]
 async fn proxy<'a>(
     shard: &'a Shard,
@@ -1639,7 +1647,7 @@ async fn exchange<'s>(
                             up,
                             head,
                             how,
-                            _in_flight: in_flight,
+                            in_flight: Some(in_flight),
                         });
                     }
                     Attempt::Retry { error, same_worker } => {
