@@ -296,9 +296,8 @@ struct Response<'a> {
     up: TcpStream,
     head: ResponseHead,
     how: ClientHead,
-    /// The request counts in the worker's load until the response's last byte (then
-    /// `None`).
-    in_flight: Option<InFlight<'a>>,
+    /// The request counts in the worker's load until the response's last byte.
+    _in_flight: InFlight<'a>,
 }
 
 enum Body {
@@ -368,12 +367,7 @@ async fn serve(shard: Rc<Shard>, mut rd: ClientRd, mut wr: ClientWr) {
         // before a response streams.
         let next = match Box::pin(handle_request(&shard, &mut rd, &mut wr, &mut b)).await {
             Handled::Done(next) => next,
-            Handled::Relay(mut relay) => {
-                let (next, reusable) = relay_response(&shard, &mut wr, &mut b, &mut relay).await;
-                let relay = *relay;
-                reuse_upstream(&shard, relay.response, reusable);
-                next
-            }
+            Handled::Relay(relay) => relay_response(&shard, &mut wr, &mut b, relay).await,
         };
         match next {
             // A draining router finishes the request it has, then lets the client go.
@@ -615,21 +609,28 @@ async fn handle_request<'a>(
 }
 
 /// Phase 5 from the top of the connection's task: the response's body relayed, then what
-/// the phases below did after it (the watch settled, the request's bytes let go, its count
-/// in the metrics). The caller holds `relay`, so the task does not keep a second copy of
-/// it, and reuses the worker connection when this says it can.
+/// the phases below did after it, in the same order: the worker connection back to the
+/// pool and the worker's load let go, the watch settled, the admission released, the
+/// request's bytes let go, its count in the metrics.
 async fn relay_response(
     shard: &Shard,
     wr: &mut ClientWr,
     b: &mut Buffers,
-    relay: &mut Relay<'_>,
-) -> (Next, bool) {
+    mut relay: Box<Relay<'_>>,
+) -> Next {
     let (next, reusable) = relay_body(shard, &mut relay.watch, wr, b, &mut relay.response).await;
-    relay.response.in_flight = None;
-    let next = relay.watch.settle(b, next).await;
-    let next = end_request_phases(b, next, relay.keep_alive);
+    let Relay {
+        mut watch,
+        response,
+        permit,
+        keep_alive,
+    } = *relay;
+    reuse_upstream(shard, response, reusable);
+    let next = watch.settle(b, next).await;
+    drop(permit);
+    let next = end_request_phases(b, next, keep_alive);
     count_request(shard, b);
-    (next, reusable)
+    next
 }
 
 /// The request's count in the metrics, and its access log line.
@@ -1647,7 +1648,7 @@ async fn exchange<'s>(
                             up,
                             head,
                             how,
-                            in_flight: Some(in_flight),
+                            _in_flight: in_flight,
                         });
                     }
                     Attempt::Retry { error, same_worker } => {

@@ -312,7 +312,7 @@ async fn prefill_leg<'s>(
                         up,
                         head,
                         how,
-                        in_flight: Some(in_flight),
+                        _in_flight: in_flight,
                     };
                     return Err(relay_here(shard, watch, wr, b, response).await);
                 }
