@@ -40,6 +40,8 @@ pub mod route;
 pub mod send;
 pub mod shard;
 pub mod sync;
+#[cfg(test)]
+mod test_sockets;
 pub mod timer;
 pub mod upstream;
 

@@ -78,34 +78,12 @@ pub async fn readable(rd: &OwnedReadHalf<TcpStream>) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use std::future::Future;
     use std::io::ErrorKind;
 
     use monoio::io::{AsyncWriteRentExt, Splitable};
-    use monoio::net::TcpListener;
 
     use super::*;
-
-    fn on_both_drivers(test: fn() -> std::pin::Pin<Box<dyn Future<Output = ()>>>) {
-        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-            .enable_timer()
-            .build()
-            .unwrap()
-            .block_on(test());
-        if let Ok(mut rt) = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-            .enable_timer()
-            .build()
-        {
-            rt.block_on(test());
-        }
-    }
-
-    async fn pair() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (client, accepted) = monoio::join!(TcpStream::connect(addr), listener.accept());
-        (client.unwrap(), accepted.unwrap().0)
-    }
+    use crate::test_sockets::{on_both_drivers, pair};
 
     #[test]
     fn a_request_that_arrived_is_taken_into_a_buffer_of_its_size() {

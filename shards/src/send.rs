@@ -87,30 +87,9 @@ mod tests {
     use std::task::{Context, Poll, Waker};
 
     use monoio::io::AsyncReadRentExt;
-    use monoio::net::{TcpListener, TcpStream};
 
     use super::*;
-
-    fn on_both_drivers(test: fn() -> std::pin::Pin<Box<dyn Future<Output = ()>>>) {
-        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-            .enable_timer()
-            .build()
-            .unwrap()
-            .block_on(test());
-        if let Ok(mut rt) = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-            .enable_timer()
-            .build()
-        {
-            rt.block_on(test());
-        }
-    }
-
-    async fn pair() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (client, accepted) = monoio::join!(TcpStream::connect(addr), listener.accept());
-        (client.unwrap(), accepted.unwrap().0)
-    }
+    use crate::test_sockets::{on_both_drivers, pair};
 
     #[test]
     fn a_write_the_socket_has_room_for_is_done_on_its_first_poll() {
