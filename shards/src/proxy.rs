@@ -377,8 +377,9 @@ async fn serve(shard: Rc<Shard>, mut rd: ClientRd, mut wr: ClientWr) {
     }
 }
 
-/// The request is whole: give back `inbuf`'s unused tail (most of INBUF for a small
-/// request), so the allocations the exchange makes next reuse it. Every connection in its
+/// The request is whole, and waits in `inbuf` until the worker answers (perhaps seconds of
+/// prefill): give back the buffer's unused tail (most of INBUF for a small request), so
+/// the allocations the exchange makes next reuse it. Every connection in its
 /// request phase at once (a burst of new streams) otherwise leaves that tail as a hole
 /// between longer-lived allocations, and the heap never shrinks back from the burst.
 fn fit_request(b: &mut Buffers) {
@@ -712,11 +713,6 @@ async fn handle_request_phases<'a>(
         };
     let keep_alive = b.head.keep_alive;
     b.request_end = b.start + consumed;
-    // The request waits in `inbuf` until the worker answers (perhaps seconds of prefill):
-    // hold it in as little memory as it needs.
-    if b.inbuf.capacity() > b.inbuf.len() + INBUF {
-        b.inbuf.shrink_to(b.inbuf.len());
-    }
     match route_request(shard, rd, wr, b, &body).await {
         Handled::Done(next) => Handled::Done(end_request_phases(b, next, keep_alive)),
         Handled::Relay(mut relay) => {
@@ -1598,6 +1594,8 @@ async fn exchange<'s>(
             }
         } else {
             loop {
+                // Written out here and in the P/D prefill leg rather than as an `async fn`,
+                // which would hold its arguments twice while the head is awaited.
                 let got = match Box::pin(send_request(shard, watch, wr, b, body, worker)).await {
                     Sent::Sent {
                         up,
