@@ -6,7 +6,10 @@
 //! HalfOpen, where one probe request at a time may pass → (`success_threshold` successes
 //! in a row) → Closed, or (any failure) → Open again.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicU32, AtomicU64, AtomicU8, Ordering::AcqRel, Ordering::Acquire, Ordering::Relaxed,
+    Ordering::Release,
+};
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Copy, Debug)]
@@ -110,19 +113,22 @@ impl Breakers {
             return Admit::Yes;
         }
         let c = &self.cells[slot];
-        match c.state.load(Relaxed) {
+        // Acquire: a breaker seen open comes with the time it opened (stored before).
+        match c.state.load(Acquire) {
             0 => Admit::Yes,
             1 => {
                 let opened = c.opened_at_ms.load(Relaxed);
                 if self.now_ms() < opened + self.cfg.open_for.as_millis() as u64 {
                     return Admit::No;
                 }
-                if c.state.compare_exchange(1, 2, Relaxed, Relaxed).is_ok() {
+                if c.state.compare_exchange(1, 2, AcqRel, Relaxed).is_ok() {
                     self.moved(c, BreakerState::Open, BreakerState::HalfOpen);
                     c.successes.store(0, Relaxed);
-                    c.probe_out.store(0, Relaxed);
                     tracing::info!(worker, "circuit breaker half-open: probing the worker");
                 }
+                // No probe is out while open (it is given back only after the breaker left
+                // half-open), so whichever shard takes it first, winner of the move or not,
+                // is the one probe.
                 self.take_probe(c)
             }
             _ => self.take_probe(c),
@@ -130,7 +136,7 @@ impl Breakers {
     }
 
     fn take_probe(&self, c: &Cell) -> Admit {
-        if c.probe_out.compare_exchange(0, 1, Relaxed, Relaxed).is_ok() {
+        if c.probe_out.compare_exchange(0, 1, AcqRel, Relaxed).is_ok() {
             Admit::Probe
         } else {
             Admit::No
@@ -187,11 +193,15 @@ impl Breakers {
         match c.state.load(Relaxed) {
             0 => {
                 let n = c.failures.fetch_add(1, Relaxed) + 1;
+                if n >= self.cfg.failure_threshold {
+                    // The time first, then the state (Release): a shard that sees the breaker
+                    // open must not see an old open period and probe at once.
+                    c.opened_at_ms.store(self.now_ms(), Relaxed);
+                }
                 if n >= self.cfg.failure_threshold
-                    && c.state.compare_exchange(0, 1, Relaxed, Relaxed).is_ok()
+                    && c.state.compare_exchange(0, 1, Release, Relaxed).is_ok()
                 {
                     self.moved(c, BreakerState::Closed, BreakerState::Open);
-                    c.opened_at_ms.store(self.now_ms(), Relaxed);
                     tracing::warn!(
                         worker,
                         failures = n,
@@ -201,13 +211,15 @@ impl Breakers {
                 }
             }
             2 => {
-                if probe {
-                    c.probe_out.store(0, Relaxed);
-                }
-                if c.state.compare_exchange(2, 1, Relaxed, Relaxed).is_ok() {
+                // As above: the time, then the state; and the probe given back only once the
+                // breaker is open, so no other shard takes a second probe in between.
+                c.opened_at_ms.store(self.now_ms(), Relaxed);
+                if c.state.compare_exchange(2, 1, Release, Relaxed).is_ok() {
                     self.moved(c, BreakerState::HalfOpen, BreakerState::Open);
-                    c.opened_at_ms.store(self.now_ms(), Relaxed);
                     tracing::warn!(worker, "circuit breaker open again: the probe failed");
+                }
+                if probe {
+                    c.probe_out.store(0, Release);
                 }
             }
             _ => {}
@@ -255,6 +267,31 @@ mod tests {
                 open_for: Duration::from_millis(open_ms),
             },
         )
+    }
+
+    #[test]
+    fn shards_racing_at_the_end_of_the_open_period_send_one_probe() {
+        for _ in 0..200 {
+            let b = std::sync::Arc::new(breakers(1));
+            for _ in 0..3 {
+                b.failure(0, false, "w");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+            let start = std::sync::Arc::new(std::sync::Barrier::new(4));
+            let probes: usize = (0..4)
+                .map(|_| {
+                    let (b, start) = (b.clone(), start.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        (0..50).filter(|_| b.admit(0, "w") == Admit::Probe).count()
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|t| t.join().unwrap())
+                .sum();
+            assert_eq!(probes, 1, "one probe while it is out");
+        }
     }
 
     #[test]
