@@ -5,7 +5,7 @@
 //! the last of duplicate keys, as vLLM's Python json does.
 
 use serde_json::{json, Map, Value};
-use shards::pd::splice::{decode_leg, prefill_leg, KvTransferParams};
+use shards::pd::splice::{decode_leg, prefill_leg, KvTransferParams, ObjectIndex};
 
 /// What the prefill leg means: the client's body parsed, edited, serialised.
 fn reference_prefill(client: &Value, kv: &Value) -> Value {
@@ -86,6 +86,27 @@ fn check(body: &[u8]) {
     );
     // The prefill's bytes go to decode as they came.
     assert!(contains(&decode, kv.as_bytes()));
+
+    // As the router splices a body it has routed: indexed without validating again (the
+    // routing read validated it), the index kept across the prefill leg for the decode leg.
+    if shards::body::parse_fields(body).is_ok() {
+        // SAFETY: parse_fields accepted the body.
+        let accepted = unsafe { ObjectIndex::parse_accepted(body) }
+            .unwrap_or_else(|e| panic!("{e}: {}", shown()));
+        let mut legs = Vec::new();
+        accepted.prefill_leg(KvTransferParams::NIXL_PREFILL, &mut legs);
+        assert_eq!(legs, prefill, "prefill of an accepted {}", shown());
+        let spans = accepted.into_spans();
+        assert_eq!(
+            spans,
+            ObjectIndex::parse(body).unwrap().into_spans(),
+            "{}",
+            shown()
+        );
+        legs.clear();
+        spans.over(body).unwrap().decode_leg(kv, &mut legs);
+        assert_eq!(legs, decode, "decode of an accepted {}", shown());
+    }
 
     // Rewritten keys appear once: nothing is left for a first-wins reader to misread.
     let once = |out: &[u8], key: &str| {

@@ -2,10 +2,11 @@
 //!
 //! A prompt can be half a megabyte; re-serialising it for each leg would cost more than the
 //! rest of the request's handling. So the client's body is indexed once by its top-level
-//! members (one validating sonic-rs pass; values are skipped, never materialised), and each
-//! leg is written as the untouched spans of the original bytes, with only the edited
-//! members rewritten, dropped or appended. Whitespace, escapes and key order of everything
-//! else stay exactly as the client sent them.
+//! members (one sonic-rs pass; values are skipped, never materialised; the routing read has
+//! validated the body already), and each leg is written as the untouched spans of the
+//! original bytes, with only the edited members rewritten, dropped or appended.
+//! Whitespace, escapes and key order of everything else stay exactly as the client sent
+//! them.
 //!
 //! Meaning is that of vLLM, which parses with Python's `json` (then pydantic): the last of
 //! duplicate keys wins. A spliced body therefore means exactly what parse → edit →
@@ -157,7 +158,7 @@ impl Key {
 }
 
 /// One top-level member, as spans of the body.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Member {
     /// Where the member's bytes begin: just after the previous member's value (or after the
     /// opening brace), so for all but the first member this includes the separating comma.
@@ -186,15 +187,31 @@ impl Edit<'_> {
 }
 
 /// A JSON object body indexed by its top-level members, ready to be spliced into either
-/// leg. Built in one validating pass; holds spans, not values.
+/// leg. Built in one pass; holds spans, not values.
 #[derive(Debug)]
 pub struct ObjectIndex<'a> {
     body: &'a [u8],
+    spans: Spans,
+}
+
+/// An index without its body: what the prefill leg keeps for the decode leg, so the
+/// client's body is indexed once per request, not once per leg.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Spans {
+    /// The indexed body's length (a different body is indexed anew).
+    len: usize,
     /// Position of the opening brace.
     open: usize,
     members: Vec<Member>,
     /// For each edited key, the index in `members` of its last occurrence.
     last: [Option<usize>; EDITED_KEYS],
+}
+
+impl Spans {
+    /// The index of `body`, the body these spans were taken from.
+    pub fn over(self, body: &[u8]) -> Option<ObjectIndex<'_>> {
+        (body.len() == self.len).then_some(ObjectIndex { body, spans: self })
+    }
 }
 
 fn is_ws(b: u8) -> bool {
@@ -205,6 +222,28 @@ impl<'a> ObjectIndex<'a> {
     /// Validates `body` as a JSON object (UTF-8, full JSON grammar, nothing after the
     /// object but whitespace) and indexes its top-level members.
     pub fn parse(body: &'a [u8]) -> Result<Self, SpliceError> {
+        let open = checked_open(body)?;
+        Self::index(body, open, sonic_rs::to_object_iter(body))
+    }
+
+    /// Indexes a client's body that [`crate::body::parse_fields`] accepted, without
+    /// validating it again: sonic-rs's unchecked iterator skips a nested value by matching
+    /// its brackets, where the validating one parses it (a quarter of a P/D request's
+    /// instructions went to indexing a 2 KB body twice over).
+    ///
+    /// # Safety
+    ///
+    /// `body` must be valid JSON, as `parse_fields` checks (UTF-8, grammar, escapes,
+    /// nesting): sonic-rs's result on anything else is undefined.
+    pub unsafe fn parse_accepted(body: &'a [u8]) -> Result<Self, SpliceError> {
+        let open = Self::open_brace(body)?;
+        // SAFETY: the caller's.
+        Self::index(body, open, unsafe {
+            sonic_rs::to_object_iter_unchecked(body)
+        })
+    }
+
+    fn open_brace(body: &[u8]) -> Result<usize, SpliceError> {
         let open = body
             .iter()
             .position(|&b| !is_ws(b))
@@ -212,20 +251,27 @@ impl<'a> ObjectIndex<'a> {
         if body[open] != b'{' {
             return Err(SpliceError::NotAnObject);
         }
-        // Before sonic-rs recurses into values.
-        crate::body::check_nesting(body).map_err(|_| SpliceError::TooDeep)?;
-        if let Some(at) = crate::body::invalid_unicode_escape(body) {
-            return Err(SpliceError::NotJson(format!(
-                "invalid \\u escape at byte {at}"
-            )));
-        }
+        Ok(open)
+    }
+
+    fn index(
+        body: &'a [u8],
+        open: usize,
+        members_of: sonic_rs::ObjectJsonIter<'a>,
+    ) -> Result<Self, SpliceError> {
         let base = body.as_ptr() as usize;
         let mut members = Vec::with_capacity(16);
         let mut last = [None; EDITED_KEYS];
         let mut end = open + 1;
-        for entry in sonic_rs::to_object_iter(body) {
+        for entry in members_of {
             let (name, value) = entry.map_err(not_json)?;
             let raw = value.as_raw_str().as_bytes();
+            // The unchecked iterator ends a number at the next `,`, `]` or `}`, whitespace
+            // before it included; a span ends at the value's last byte.
+            let raw = match raw.iter().rposition(|&b| !is_ws(b)) {
+                Some(last) => &raw[..=last],
+                None => raw,
+            };
             // The lazy value borrows the body (sonic-rs never copies a borrowed input).
             let value_start = (raw.as_ptr() as usize).wrapping_sub(base);
             let value_end = value_start.wrapping_add(raw.len());
@@ -260,9 +306,12 @@ impl<'a> ObjectIndex<'a> {
         }
         Ok(ObjectIndex {
             body,
-            open,
-            members,
-            last,
+            spans: Spans {
+                len: body.len(),
+                open,
+                members,
+                last,
+            },
         })
     }
 
@@ -270,12 +319,17 @@ impl<'a> ObjectIndex<'a> {
         self.body
     }
 
+    /// The index without the body, to be put back over it later ([`Spans::over`]).
+    pub fn into_spans(self) -> Spans {
+        self.spans
+    }
+
     fn last_of(&self, key: Key) -> Option<usize> {
-        self.last[key as usize]
+        self.spans.last[key as usize]
     }
 
     fn value(&self, i: usize) -> &'a [u8] {
-        let m = &self.members[i];
+        let m = &self.spans.members[i];
         &self.body[m.value_start..m.value_end]
     }
 
@@ -321,9 +375,9 @@ impl<'a> ObjectIndex<'a> {
             })
             .sum();
         out.reserve(b.len() + added);
-        out.extend_from_slice(&b[..=self.open]);
+        out.extend_from_slice(&b[..=self.spans.open]);
         let mut any = false;
-        for (i, m) in self.members.iter().enumerate() {
+        for (i, m) in self.spans.members.iter().enumerate() {
             let edit = match m.key {
                 Key::Other => None,
                 k => edits.iter().find(|e| e.key() == k),
@@ -363,9 +417,27 @@ impl<'a> ObjectIndex<'a> {
                 }
             }
         }
-        let tail = self.members.last().map_or(self.open + 1, |m| m.value_end);
+        let tail = self
+            .spans
+            .members
+            .last()
+            .map_or(self.spans.open + 1, |m| m.value_end);
         out.extend_from_slice(&b[tail..]);
     }
+}
+
+/// Where the object opens, once `body` passed the checks sonic-rs's validating iterator
+/// leaves to its caller.
+fn checked_open(body: &[u8]) -> Result<usize, SpliceError> {
+    let open = ObjectIndex::open_brace(body)?;
+    // Before sonic-rs recurses into values.
+    crate::body::check_nesting(body).map_err(|_| SpliceError::TooDeep)?;
+    if let Some(at) = crate::body::invalid_unicode_escape(body) {
+        return Err(SpliceError::NotJson(format!(
+            "invalid \\u escape at byte {at}"
+        )));
+    }
+    Ok(open)
 }
 
 /// Whether a raw JSON value is a number greater than 1 (what `min_tokens` is clamped from).
@@ -557,6 +629,22 @@ mod tests {
             KvTransferParams::from_prefill_response(br#"{"kv_transfer_params":{"a":1}"#),
             Err(SpliceError::NotJson(_))
         ));
+    }
+
+    #[test]
+    fn the_decode_leg_reuses_the_prefill_legs_index_of_the_same_body_only() {
+        let body = br#"{"prompt":"Hi","stream":true,"kv_transfer_params":{"old":1}}"#;
+        let spans = ObjectIndex::parse(body).unwrap().into_spans();
+        let kv = KvTransferParams::new(br#"{"remote_block_ids":[1]}"#).unwrap();
+        let mut out = Vec::new();
+        spans.over(body).unwrap().decode_leg(kv, &mut out);
+        assert_eq!(out, decode_leg(body, kv).unwrap());
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"prompt":"Hi","stream":true,"kv_transfer_params":{"remote_block_ids":[1]}}"#
+        );
+        let spans = ObjectIndex::parse(body).unwrap().into_spans();
+        assert!(spans.over(&body[..body.len() - 1]).is_none());
     }
 
     #[test]

@@ -108,15 +108,22 @@ pub(super) async fn exchange_pd<'s>(
         .as_ref()
         .is_some_and(|pd| pd.cfg.fallback_decode_only);
 
-    // The prefill leg's body.
+    // The prefill leg's body. The index of the client's body is kept for the decode leg.
     let mut leg = std::mem::take(&mut b.leg);
     leg.clear();
-    let spliced = ObjectIndex::parse(client_body(b, body))
-        .map(|index| index.prefill_leg(KvTransferParams::NIXL_PREFILL, &mut leg));
+    // SAFETY: a request has a prefill leg only when `parse_fields` accepted its body
+    // (`route_request`), and the body has not changed since.
+    let spliced = unsafe { ObjectIndex::parse_accepted(client_body(b, body)) }.map(|index| {
+        index.prefill_leg(KvTransferParams::NIXL_PREFILL, &mut leg);
+        index.into_spans()
+    });
     b.leg = leg;
-    if let Err(e) = spliced {
-        return Answer::Done(answer(wr, b, ApiError::bad_request(e.to_string()), close).await);
-    }
+    let spans = match spliced {
+        Ok(spans) => spans,
+        Err(e) => {
+            return Answer::Done(answer(wr, b, ApiError::bad_request(e.to_string()), close).await)
+        }
+    };
 
     let (response, worker) = match prefill_leg(shard, watch, wr, b, prefill.0, prefill.1).await {
         Ok(r) => r,
@@ -161,13 +168,17 @@ pub(super) async fn exchange_pd<'s>(
     };
     let mut leg = std::mem::take(&mut b.leg);
     leg.clear();
-    let spliced =
-        ObjectIndex::parse(client_body(b, body)).map(|index| index.decode_leg(kv, &mut leg));
-    b.leg = leg;
-    if let Err(e) = spliced {
-        // Parsed fine for the prefill leg: cannot happen, but never send a broken leg.
-        return Answer::Done(answer(wr, b, ApiError::bad_request(e.to_string()), close).await);
+    match spans.over(client_body(b, body)) {
+        Some(index) => index.decode_leg(kv, &mut leg),
+        None => {
+            // The client's body is where the prefill leg found it: cannot happen, but never
+            // send a broken leg.
+            b.leg = leg;
+            let e = ApiError::new(500, "the client's body moved between the P/D legs");
+            return Answer::Done(answer(wr, b, e, close).await);
+        }
     }
+    b.leg = leg;
     drop(response);
     exchange(shard, watch, wr, b, &Body::Leg, decode.0, decode.1, None).await
 }
