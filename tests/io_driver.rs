@@ -59,6 +59,53 @@ fn auto_falls_back_to_epoll_without_io_uring_and_serves() {
     assert!(resp.text().ends_with("data: [DONE]\n\n"));
 }
 
+/// With io_uring, each shard reports how its ring runs completions: the cheapest mode the
+/// kernel grants (deferred to the shard's park on kernels from 6.1), in the log and in
+/// `ringrouter_shard_info`.
+#[test]
+fn each_io_uring_shard_reports_its_rings_completion_mode() {
+    let m = mocks(1, |_| {});
+    let r = Router::start(&[
+        "--worker-urls",
+        &m[0].url(),
+        "--shards",
+        "2",
+        "--io-driver",
+        "auto",
+    ]);
+    let log = r.log();
+    let started: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("shard started"))
+        .collect();
+    assert_eq!(started.len(), 2, "{log}");
+    for line in started {
+        let mode = line
+            .split("uring_setup=\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .unwrap_or_else(|| panic!("no uring_setup in {line}"));
+        if line.contains("driver=\"io_uring\"") {
+            assert!(
+                ["defer_taskrun", "coop_taskrun", "plain"].contains(&mode),
+                "{line}"
+            );
+        } else {
+            assert_eq!(mode, "none", "{line}");
+        }
+    }
+    let metrics = exchange(
+        r.metrics.unwrap(),
+        b"GET /metrics HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n",
+    )
+    .text();
+    assert!(
+        metrics.contains("ringrouter_shard_info{shard=\"0\",driver=")
+            && metrics.contains(",uring_setup=\""),
+        "{metrics}"
+    );
+}
+
 #[test]
 fn uring_refuses_to_start_without_io_uring() {
     let err = Router::start_with(Some(nouring().to_str().unwrap()), &["--io-driver", "uring"])
@@ -75,6 +122,7 @@ fn epoll_can_be_chosen() {
     let m = mocks(1, |_| {});
     let r = Router::start(&["--worker-urls", &m[0].url(), "--io-driver", "epoll"]);
     assert!(r.log_contains("driver=\"epoll\""), "{}", r.log());
+    assert!(r.log_contains("uring_setup=\"none\""), "{}", r.log());
     let resp = exchange(
         r.addr,
         &post_json(

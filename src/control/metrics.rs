@@ -666,12 +666,14 @@ impl Collector for Scrape {
         gauges(
             e,
             "ringrouter_shard_info",
-            "Each shard's io driver (io_uring or epoll) and core (none: not pinned)",
+            "Each shard's io driver (io_uring or epoll), its ring's completion mode \
+             (defer_taskrun, coop_taskrun, plain; none on epoll) and core (none: not pinned)",
             self.shards.iter().map(|(i, _)| {
                 (
                     vec![
                         ("shard", i.id.to_string()),
                         ("driver", i.driver.to_string()),
+                        ("uring_setup", i.uring_setup.to_string()),
                         (
                             "core",
                             i.core.map(|c| c.to_string()).unwrap_or("none".into()),
