@@ -98,13 +98,13 @@ def measure(args, tmp, target, vllm_exe):
                 "--concurrency", 4, "--prompt-bytes", 16, "--max-tokens", 1, "--quiet", "--json"]
         h.run_quiet([str(c) for c in warm], timeout=60)
         hits0, q0 = prefix_counters(urls)
-        cpu0 = h.stat_ticks(router.pid)
+        cpu0 = sum(h.stat_ticks(router.pid))
         cmd = [h.BIN / "loadgen", "--url", url, "--model", h.MODEL, "--stream",
                "--concurrency", args.concurrency, "--duration", args.duration,
                "--prompt-bytes", 2048, "--max-tokens", 16, "--prefix-groups", 8,
                "--group-select", "random", "--quiet", "--json", "--timeout", 30]
         r = h.run_quiet([str(c) for c in cmd], timeout=args.duration + 120)
-        cpu1 = h.stat_ticks(router.pid)
+        cpu1 = sum(h.stat_ticks(router.pid))
         hits1, q1 = prefix_counters(urls)
         rep = json.loads(r.stdout)
     finally:

@@ -41,7 +41,8 @@ MODEL = "mock-model"
 ALL_TARGETS = ["direct", "ringrouter", "vllm-router", "nginx"]
 # Not in the defaults: another build of ringrouter (--base-bin), run beside this one for a
 # before/after of a change in one run.
-EXTRA_TARGETS = ["ringrouter-base"]
+# l4relay (perf/l4relay.c): a TCP relay with no HTTP in it, the floor of any proxy's cost.
+EXTRA_TARGETS = ["ringrouter-base", "l4relay"]
 HOST = "127.0.0.1"
 
 
@@ -131,14 +132,14 @@ def process_cpu_ns(pid: int) -> int | None:
         return None
 
 
-def stat_ticks(pid: int) -> int | None:
-    """utime+stime from /proc/<pid>/stat, in clock ticks."""
+def stat_ticks(pid: int) -> tuple[int, int] | None:
+    """(utime, stime) from /proc/<pid>/stat, in clock ticks."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     fields = raw[raw.rindex(")") + 2:].split()
-    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
+    return int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
 
 
 def rss_kb(pid: int) -> int:
@@ -365,6 +366,27 @@ class RingRouter(Target):
             self.note += f"; binary {exe}"
 
 
+class L4Relay(Target):
+    """perf/l4relay.c: bytes copied between each client connection and its own upstream one,
+    no HTTP. What it costs per request is the kernel's, a floor under every router."""
+
+    def __init__(self, tmp: Path, mock_urls, threads: int, cores):
+        self.name = "l4relay"
+        exe = tmp / "l4relay"
+        r = run_quiet(["gcc", "-O2", "-pthread", "-o", exe, PERF / "l4relay.c"], timeout=120)
+        if r.returncode != 0:
+            raise RuntimeError(f"gcc failed: {r.stderr[-500:]}")
+        port = free_port()
+        self.url = f"http://{HOST}:{port}"
+        self.logfile = tmp / "l4relay.log"
+        cmd = [exe, port, threads, *(u.removeprefix("http://") for u in mock_urls)]
+        self.cmdline = " ".join(str(c) for c in cmd)
+        with open(self.logfile, "wb") as f:
+            self.proc = PROCS.spawn(cmd, cores=cores, stdout=f, stderr=subprocess.STDOUT)
+        wait_ready(self.name, self.url, self.proc, self.logfile)
+        self.note = f"{threads} thread(s), epoll, a TCP relay (no HTTP), round robin per connection"
+
+
 class VllmRouter(Target):
     def __init__(self, tmp: Path, exe: Path, mock_urls, cores):
         self.name = "vllm-router"
@@ -537,11 +559,15 @@ def measure(args, target: Target, mock_pid: int, stream: bool, conc: int, lg_cor
     ok_pids = [p for p in pids if cpu0.get(p) is not None and cpu1.get(p) is not None]
     if pids and done > 0 and ok_pids:
         cpu_ns = sum(cpu1[p] - cpu0[p] for p in ok_pids)
-        ticks = sum((ticks1[p] or 0) - (ticks0[p] or 0) for p in ok_pids)
+        user = sum((ticks1[p] or (0, 0))[0] - (ticks0[p] or (0, 0))[0] for p in ok_pids)
+        system = sum((ticks1[p] or (0, 0))[1] - (ticks0[p] or (0, 0))[1] for p in ok_pids)
+        ticks = user + system
         rec["router_cpu_s"] = round(cpu_ns / 1e9, 6)
         rec["router_cpu_us_per_req"] = round(cpu_ns / 1e3 / done, 2)
         rec["router_cpu_stat_ticks"] = ticks
         rec["router_cpu_us_per_req_from_stat"] = round(ticks / CLK_TCK * 1e6 / done, 1)
+        # The kernel's part (system time), from the same ticks: what no user-space change cuts.
+        rec["router_system_share"] = round(system / ticks, 3) if ticks else None
         if len(ok_pids) != len(pids):
             rec["cpu_note"] = "a router process vanished during the window"
     if mock0 is not None and mock1 is not None and done > 0:
@@ -600,6 +626,8 @@ def aggregate(records: list[dict], targets: list[str], loads: list[tuple[bool, i
                                  for r in good if (r["round"], ln) in direct]
                         row[f"added_{q}_us"] = median(diffs)
                 row["cpu_us_per_req"] = median(r.get("router_cpu_us_per_req") for r in good)
+                shares = [r["router_system_share"] for r in good if r.get("router_system_share")]
+                row["system_share"] = median(shares) if shares else None
                 row["mock_cpu_us_per_req"] = median(r.get("mock_cpu_us_per_req") for r in good)
                 rss = [r["rss_kb_max"] for r in good if r.get("rss_kb_max")]
                 row["rss_mb_max"] = round(max(rss) / 1024, 1) if rss else None
@@ -619,15 +647,19 @@ def fmt(v, nd=0, signed=False):
     return f"{v:,.{nd}f}"
 
 
+def pct(share) -> str:
+    return "—" if share is None else f"{share * 100:.0f}%"
+
+
 def table_md(rows: list[dict]) -> str:
     head = ("| load | target | req/s | TTFT p50 µs | TTFT p99 µs | added p50 µs | added p99 µs "
-            "| router CPU µs/req | router RSS MB | failed / bad streams |\n"
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n")
+            "| router CPU µs/req | of it kernel | router RSS MB | failed / bad streams |\n"
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n")
     lines = []
     for r in rows:
         if r["rounds_ok"] == 0:
             lines.append(f"| {r['load']} | {r['target']} | failed: {'; '.join(r['failed_runs'])[:120]} "
-                         "| | | | | | | |")
+                         "| | | | | | | | |")
             continue
         fails = f"{r['failed_requests']} / {r['bad_streams']}"
         if r["failed_runs"]:
@@ -636,7 +668,8 @@ def table_md(rows: list[dict]) -> str:
             f"| {r['load']} | {r['target']} | {fmt(r['requests_per_sec'])} "
             f"| {fmt(r['ttft_p50_us'])} | {fmt(r['ttft_p99_us'])} "
             f"| {fmt(r.get('added_p50_us'), signed=True)} | {fmt(r.get('added_p99_us'), signed=True)} "
-            f"| {fmt(r.get('cpu_us_per_req'), 1)} | {fmt(r.get('rss_mb_max'), 1)} | {fails} |")
+            f"| {fmt(r.get('cpu_us_per_req'), 1)} | {pct(r.get('system_share'))} "
+            f"| {fmt(r.get('rss_mb_max'), 1)} | {fails} |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -899,6 +932,8 @@ def main(argv=None) -> int:
                         continue
                     targets[name] = RingRouter(tmp, mock_urls, args.shards, router_cores,
                                                name=name, exe=Path(args.base_bin))
+                elif name == "l4relay":
+                    targets[name] = L4Relay(tmp, mock_urls, args.shards, router_cores)
                 elif name == "vllm-router":
                     if vllm_exe is None:
                         skipped[name] = "could not be installed (see log above)"
