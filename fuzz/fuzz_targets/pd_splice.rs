@@ -78,7 +78,12 @@ fuzz_target!(|data: &[u8]| {
             (want, got) => panic!("kv_transfer_params {want:?} read as {got:?}"),
         }
     }
-    if let Ok(Some(kv)) = answer {
+    // What a worker's JSON encoder writes (serde_json reads it) gives params that stand as an
+    // object of their own. Outside that, the span is still passed on verbatim: sonic-rs checks
+    // a nested value's grammar but decodes only top-level keys, so a lone surrogate escape
+    // (`\ude00`) in a nested key passes inside the answer and fails on its own; vLLM refuses
+    // such a body either way.
+    if let (Ok(Some(kv)), Some(_)) = (answer, &reference) {
         assert!(KvTransferParams::new(kv.as_bytes()).is_ok());
     }
 
