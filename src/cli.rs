@@ -160,6 +160,12 @@ pub struct Cli {
     #[arg(long, value_enum, default_value_t = DriverArg::Auto)]
     pub io_driver: DriverArg,
 
+    /// [ringrouter] Requests waiting for a worker's response head on one shard above which
+    /// each waits for readiness before it takes a read buffer (less memory in a burst of
+    /// new streams, a little more CPU per request); 0: always.
+    #[arg(long, default_value_t = 512)]
+    pub head_wait_poll_above: usize,
+
     /// [ringrouter] Largest request head (request line + headers), in bytes (431 beyond).
     #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u64).range(1024..=16_777_216))]
     pub max_header_size: u64,
@@ -403,6 +409,7 @@ impl Cli {
             DriverArg::Uring => IoDriver::Uring,
             DriverArg::Epoll => IoDriver::Epoll,
         };
+        cfg.head_wait_poll_above = self.head_wait_poll_above;
         let mut policy = PolicyConfig::new(self.policy);
         policy.cache_threshold = self.cache_threshold;
         policy.balance_abs_threshold = self.balance_abs_threshold;

@@ -26,6 +26,9 @@ pub struct DataPlaneConfig {
     pub shards: usize,
     pub pin_cores: bool,
     pub io_driver: IoDriver,
+    /// Requests waiting for a response head on one shard above which each waits for
+    /// readiness before it takes a read buffer (proxy.rs, `await_head`).
+    pub head_wait_poll_above: usize,
     /// The workers at start (the control plane publishes later sets).
     pub workers: WorkerSet,
     /// Worker slots on the load board: the most workers (and DP ranks) routable at once.
@@ -135,6 +138,7 @@ impl DataPlaneConfig {
             shards: 1,
             pin_cores: false,
             io_driver: IoDriver::Auto,
+            head_wait_poll_above: 512,
             max_workers: 1024.max(workers.len()),
             workers,
             policy: PolicyConfig::new(Policy::RoundRobin),

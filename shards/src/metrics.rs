@@ -398,6 +398,9 @@ pub struct ShardMetrics {
     pub connections: Counter,
     pub connections_closed: Counter,
     pub requests: Counter,
+    /// Response heads awaited holding no read buffer (a crowded shard: proxy.rs,
+    /// `await_head`).
+    pub unbuffered_head_waits: Counter,
     selectors: Mutex<Vec<Arc<SelectorStats>>>,
 }
 
@@ -418,6 +421,7 @@ impl ShardMetrics {
             connections: Counter::default(),
             connections_closed: Counter::default(),
             requests: Counter::default(),
+            unbuffered_head_waits: Counter::default(),
             selectors: Mutex::new(Vec::new()),
         }
     }

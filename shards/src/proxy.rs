@@ -13,6 +13,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
+use std::io::ErrorKind;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -93,6 +94,8 @@ pub struct Shard {
     pub warn_closed: WarnGate,
     pub warn_silent: WarnGate,
     pub warn_no_kv: WarnGate,
+    /// Requests of this shard waiting for a worker's response head (`await_head`).
+    pub heads_waiting: Cell<usize>,
 }
 
 /// At most one line of a kind per second per shard: a worker that fails under load fails
@@ -1844,7 +1847,32 @@ async fn send_request(
     }
 }
 
+/// Counts a request in its shard's `heads_waiting` while it waits for a head.
+struct HeadWait<'a>(&'a Shard);
+
+impl<'a> HeadWait<'a> {
+    fn start(shard: &'a Shard) -> Self {
+        shard.heads_waiting.set(shard.heads_waiting.get() + 1);
+        HeadWait(shard)
+    }
+}
+
+impl Drop for HeadWait<'_> {
+    fn drop(&mut self) {
+        self.0.heads_waiting.set(self.0.heads_waiting.get() - 1);
+    }
+}
+
 /// The worker's response head, after any interim (1xx) ones.
+///
+/// A shard with many requests waiting for response heads (more than
+/// `cfg.head_wait_poll_above`) has each wait for readiness before it takes a buffer. An
+/// io_uring read owns its buffer from the moment it is posted, so every waiting request
+/// would hold 1 KiB for as long as its worker queues and generates (a non-streamed answer's
+/// head comes with its last token); with thousands waiting, that is megabytes the process
+/// then keeps. A poll and a `recv()` cost more CPU than one read (6–11% more per
+/// non-streamed request, measured on the client side: see recv.rs), so a shard pays them
+/// only when that many wait.
 #[allow(clippy::too_many_arguments)]
 async fn await_head(
     shard: &Shard,
@@ -1860,10 +1888,9 @@ async fn await_head(
 
     // The response head.
     b.upbuf.clear();
-    if b.upbuf.capacity() < UPBUF {
-        b.upbuf.reserve(UPBUF);
-    }
     let is_head = b.head.method() == Method::Head;
+    let _waiting = HeadWait::start(shard);
+    let mut unbuffered = false;
     loop {
         match ResponseHead::parse(&b.upbuf, is_head) {
             Ok(Some(head)) if (100..200).contains(&head.status) && head.status != 101 => {
@@ -1895,14 +1922,42 @@ async fn await_head(
                 return Box::pin(bad_gateway(wr, b, &msg, close)).await;
             }
         }
-        if b.upbuf.capacity() - b.upbuf.len() < 1024 {
-            b.upbuf.reserve(b.upbuf.capacity());
-        }
-        let buf = std::mem::take(&mut b.upbuf);
-        let len = buf.len();
-        match watch.guard(up.read(buf.slice_mut(len..))).await {
-            Ok((res, slice)) => {
-                b.upbuf = slice.into_inner();
+        let crowded = shard.heads_waiting.get() > shard.cfg.head_wait_poll_above;
+        let got = if crowded && b.upbuf.capacity() < UPBUF {
+            // A crowded shard: wait for the answer holding no buffer, then take it at its
+            // size (`recv`).
+            if !unbuffered {
+                unbuffered = true;
+                shard.metrics.unbuffered_head_waits.inc();
+            }
+            match watch.guard(up.readable(false)).await {
+                Ok(Ok(())) => match recv::recv_now(up.as_raw_fd(), &mut b.upbuf) {
+                    Err(e)
+                        if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) =>
+                    {
+                        continue
+                    }
+                    got => Ok(got),
+                },
+                Ok(Err(e)) => Ok(Err(e)),
+                Err(i) => Err(i),
+            }
+        } else {
+            if b.upbuf.capacity() - b.upbuf.len() < 1024 {
+                b.upbuf.reserve(b.upbuf.capacity().max(UPBUF));
+            }
+            let buf = std::mem::take(&mut b.upbuf);
+            let len = buf.len();
+            watch
+                .guard(up.read(buf.slice_mut(len..)))
+                .await
+                .map(|(res, slice)| {
+                    b.upbuf = slice.into_inner();
+                    res
+                })
+        };
+        match got {
+            Ok(res) => {
                 match res {
                     Ok(n) if n > 0 => {}
                     Ok(_) | Err(_) if reused && b.upbuf.is_empty() => {
@@ -2093,6 +2148,10 @@ async fn relay_body(
     while !matches!(left, BodyLeft::Done) {
         let mut buf = std::mem::take(&mut b.upbuf);
         buf.clear();
+        // A head taken at its size (`await_head` on a crowded shard) left a small buffer.
+        if buf.capacity() < UPBUF {
+            buf.reserve(UPBUF);
+        }
         let (res, buf) = match watch.guard(up.read(buf)).await {
             Ok(r) => r,
             Err(Interrupt::ClientGone) => {

@@ -324,6 +324,7 @@ fn run_shard(
             warn_closed: Default::default(),
             warn_silent: Default::default(),
             warn_no_kv: Default::default(),
+            heads_waiting: Default::default(),
             workers: RefCell::new(Rc::new(local)),
             directory: shared.directory,
             board: shared.board.clone(),

@@ -651,6 +651,18 @@ impl Collector for Scrape {
                 .iter()
                 .map(|(i, m)| (vec![("shard", i.id.to_string())], m.connections.get())),
         )?;
+        counters(
+            e,
+            "ringrouter_shard_unbuffered_head_waits",
+            "Worker response heads awaited holding no read buffer, because more requests \
+             than --head-wait-poll-above waited for heads on the shard",
+            self.shards.iter().map(|(i, m)| {
+                (
+                    vec![("shard", i.id.to_string())],
+                    m.unbuffered_head_waits.get(),
+                )
+            }),
+        )?;
         gauges(
             e,
             "ringrouter_shard_open_connections",
