@@ -28,6 +28,14 @@ answer read → decode leg written (between_legs), decode head read → written 
 
 A/B of two builds: --targets ringrouter ringrouter-base --base-bin OTHER/ringrouter.
 
+The floor (--targets ... l4relay): perf/l4relay.c, a TCP relay with no HTTP in it, in front
+of the decode mocks, sent the decode leg only. A router in front of P/D workers sends and
+reads both legs where a direct client would, and adds exactly two hops to the client's path:
+client -> router and router -> client. The relay adds those two hops and nothing else, so its
+share (past the mocks, less a direct decode client's) is what any router's share includes on
+this machine before doing any work. Its decode leg is held as long as a whole P/D request
+(x-mock-ttft-ms: prefill + decode first token), so it runs at the routers' request rate.
+
 Usage: perf/pd.py [--requests 2000] [--concurrency 16 128] [--prefill-ms 50]
                   [--decode-ttft-ms 20] [--targets ringrouter ringrouter-base --base-bin PATH]
 """
@@ -84,7 +92,7 @@ NIXL_PREFILL = ('{"kv_transfer_params":{"do_remote_decode":true,"do_remote_prefi
                 '"remote_port":null}}')
 
 
-def loadgen(url, conc, requests, prefill_leg=False):
+def loadgen(url, conc, requests, prefill_leg=False, headers=()):
     """TTFT (streamed 16-token completions) or, with `prefill_leg`, the whole exchange of a
     prefill leg sent straight to a prefill worker."""
     shape = (["--no-stream", "--max-tokens", "1", "--body-extra", NIXL_PREFILL] if prefill_leg
@@ -92,7 +100,8 @@ def loadgen(url, conc, requests, prefill_leg=False):
     out = subprocess.run(
         [f"{BIN}/loadgen", "--url", url, "--model", "mock-model", *shape,
          "--prompt-bytes", "256", "--concurrency", str(conc),
-         "--requests", str(requests), "--warmup", "1", "--json", "--quiet"],
+         "--requests", str(requests), "--warmup", "1", "--json", "--quiet",
+         *(x for h in headers for x in ("--header", h))],
         capture_output=True, text=True)
     r = json.loads(out.stdout)
     t = r["latency_us"]["total" if prefill_leg else "ttft"]
@@ -133,6 +142,20 @@ def added_time(metrics_url):
                  "count": b[-1][1]} for ph, b in phases.items()}
 
 
+def start_relay(decode):
+    exe = "/tmp/l4relay-pd"
+    subprocess.run(["gcc", "-O2", "-pthread", "-o", exe,
+                    os.path.join(ROOT, "perf", "l4relay.c")], check=True)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([exe, str(port), "2", *(u.removeprefix("http://") for u in decode)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if not wait_http(url, 10):
+        proc.kill()
+        sys.exit("l4relay did not start")
+    return proc, url, None
+
+
 def start_router(name, prefill, decode, base_bin=None):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -167,7 +190,8 @@ def main():
     ap.add_argument("--prefill-ms", type=float, default=50)
     ap.add_argument("--decode-ttft-ms", type=float, default=20)
     ap.add_argument("--targets", nargs="+", default=["ringrouter", "vllm-router"],
-                    help="ringrouter, vllm-router, ringrouter-base (another build: --base-bin)")
+                    help="ringrouter, vllm-router, ringrouter-base (another build: --base-bin), "
+                         "l4relay (the floor: a TCP relay in front of the decode mocks)")
     ap.add_argument("--base-bin", default=None,
                     help="the ringrouter binary of target ringrouter-base, for a before/after")
     a = ap.parse_args()
@@ -188,10 +212,17 @@ def main():
                     continue
                 if name == "ringrouter-base" and not a.base_bin:
                     sys.exit("target ringrouter-base needs --base-bin")
-                proc, url, metrics = start_router(name, prefill, decode, a.base_bin)
+                if name == "l4relay":
+                    proc, url, metrics = start_relay(decode)
+                else:
+                    proc, url, metrics = start_router(name, prefill, decode, a.base_bin)
                 own = {}
+                # The relay's decode leg is held as long as a whole P/D request (prefill
+                # and first token), so it runs at the routers' request rate.
+                hold = ([f"x-mock-ttft-ms:{int(a.prefill_ms + a.decode_ttft_ms)}"]
+                        if name == "l4relay" else [])
                 try:
-                    r = loadgen(url, c, a.requests)
+                    r = loadgen(url, c, a.requests, headers=hold)
                     if metrics:
                         own = added_time(metrics)
                 finally:
@@ -205,6 +236,10 @@ def main():
                 # each exchange's time less the mock's own (per request, from the mocks'
                 # reports), at p50.
                 direct_past = (direct["past_mocks_p50"] or 0) + (prefill_direct["past_mocks_p50"] or 0)
+                if name == "l4relay":
+                    # The decode leg alone through the relay: compared with the decode leg
+                    # alone, sent directly.
+                    direct_past = direct["past_mocks_p50"] or 0
                 rows.append({
                     "past_mocks_p50_us": r["past_mocks_p50"],
                     "past_mocks_p99_us": r["past_mocks_p99"],
@@ -216,8 +251,8 @@ def main():
                     "router_p50_us": r["p50"] - prefill_us - direct["p50"],
                     "router_p99_us": r["p99"] - prefill_us - direct["p99"],
                     # the same, less the prefill leg measured directly rather than configured
-                    "router_vs_legs_p50_us": r["p50"] - prefill_direct["p50"] - direct["p50"],
-                    "router_vs_legs_p99_us": r["p99"] - prefill_direct["p99"] - direct["p99"],
+                    "router_vs_legs_p50_us": r["p50"] - (prefill_us if name == "l4relay" else prefill_direct["p50"]) - direct["p50"],
+                    "router_vs_legs_p99_us": r["p99"] - (prefill_us if name == "l4relay" else prefill_direct["p99"]) - direct["p99"],
                     "direct_prefill_p50_us": prefill_direct["p50"],
                     "direct_decode_p50_us": direct["p50"], "req_per_s": r["rps"],
                     "failed": r["failed"], "errors": r["errors"],
