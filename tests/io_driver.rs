@@ -73,7 +73,13 @@ fn each_io_uring_shard_reports_its_rings_completion_mode() {
         "--io-driver",
         "auto",
     ]);
-    let log = r.log();
+    // The log comes on stderr, the listening line on stdout: wait for both shards' lines.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut log = r.log();
+    while log.matches("shard started").count() < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        log = r.log();
+    }
     let started: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("shard started"))
@@ -149,8 +155,10 @@ fn a_kept_alive_connection_is_served_request_after_request(driver: &str) {
             &format!(r#"{{"model":"mock-model","prompt":"request {n}","max_tokens":2}}"#),
         )
     };
-    let answered = |s: &mut std::net::TcpStream| {
-        let resp = read_response(s);
+    // Bytes read past one response (the next one, when two come in one read) are kept.
+    let mut pending = Vec::new();
+    let mut answered = |s: &mut std::net::TcpStream| {
+        let resp = read_response_from(s, &mut pending, false).expect("a response");
         assert_eq!(resp.status, 200, "{}", resp.text());
         resp.json()["choices"][0]["text"].as_str().is_some()
     };
