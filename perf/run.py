@@ -142,6 +142,16 @@ def stat_ticks(pid: int) -> tuple[int, int] | None:
     return int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
 
 
+def cpu_ticks() -> tuple[int, int] | None:
+    """(steal, total) ticks of all CPUs from /proc/stat: time the hypervisor gave another
+    guest while this one had work, a sign the run was disturbed from outside."""
+    try:
+        f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return f[7], sum(f)
+
+
 def rss_kb(pid: int) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -523,6 +533,7 @@ def measure(args, target: Target, mock_pid: int, stream: bool, conc: int, lg_cor
     cpu0 = {p: process_cpu_ns(p) for p in pids}
     ticks0 = {p: stat_ticks(p) for p in pids}
     mock0 = process_cpu_ns(mock_pid)
+    steal0 = cpu_ticks()
     sampler.start()
     t0 = time.monotonic()
     res, err = run_loadgen(args, loadgen_cmd(args, target.url, stream, conc, args.duration),
@@ -531,6 +542,12 @@ def measure(args, target: Target, mock_pid: int, stream: bool, conc: int, lg_cor
     cpu1 = {p: process_cpu_ns(p) for p in pids}
     ticks1 = {p: stat_ticks(p) for p in pids}
     mock1 = process_cpu_ns(mock_pid)
+    steal1 = cpu_ticks()
+    if steal0 and steal1 and steal1[1] > steal0[1]:
+        rec["steal_share"] = round((steal1[0] - steal0[0]) / (steal1[1] - steal0[1]), 4)
+        if rec["steal_share"] > 0.02:
+            log(f"WARNING {target.name} {rec['load']}: {rec['steal_share']:.1%} of CPU time "
+                "was stolen by the hypervisor during the run")
     rec["rss_kb_max"] = sampler.finish() if pids else None
     rec["wall_s"] = round(wall, 3)
     if res is None:
