@@ -104,7 +104,7 @@ const URING_ENTRIES: u32 = 4096;
 /// it asks to have that work deferred until then (`DEFER_TASKRUN`, kernel 6.1; one thread
 /// owns the ring, `SINGLE_ISSUER`), or else run at its next entry into the kernel
 /// (`COOP_TASKRUN`, 5.19). Side by side with the plain ring in perf/ (2026-12-07, three
-/// runs): 5–17% less router CPU per streamed request; perf/README has the tables.
+/// runs): 2–17% less router CPU per streamed request; perf/README has the tables.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UringSetup {
     DeferTaskrun,
