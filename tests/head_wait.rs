@@ -189,58 +189,38 @@ fn a_burst_that_crowds_the_shard_is_answered_whole() {
     let r = Router::start(&a);
     let addr = r.addr;
     const N: usize = 700;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let results: Vec<Result<(), String>> = rt.block_on(async move {
-        let mut tasks = Vec::new();
-        for i in 0..N {
-            tasks.push(tokio::spawn(async move {
-                use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                let body = r#"{"model":"mock-model","prompt":"Hello","max_tokens":4}"#;
-                let req = format!(
-                    "POST /v1/completions HTTP/1.1\r\nHost: r\r\nContent-Type: application/json\r\n\
-                     Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let mut s = tokio::net::TcpStream::connect(addr)
-                    .await
-                    .map_err(|e| format!("{i}: connect {e}"))?;
-                s.write_all(req.as_bytes())
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let mut all = Vec::new();
-                tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut all))
-                    .await
-                    .map_err(|_| format!("{i}: stalled"))?
-                    .map_err(|e| e.to_string())?;
-                let text = String::from_utf8_lossy(&all);
-                let (head, body) = text.split_once("\r\n\r\n").ok_or("no head")?;
-                if !head.starts_with("HTTP/1.1 200") {
-                    return Err(format!("{i}: {head}"));
-                }
-                let v: serde_json::Value =
-                    serde_json::from_str(body).map_err(|e| format!("{i}: {e}: {body}"))?;
-                match v["choices"][0]["finish_reason"].as_str() {
-                    Some("length") => Ok(()),
-                    _ => Err(format!("{i}: {body}")),
-                }
-            }));
+    let results = concurrently(N, move |i| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let body = r#"{"model":"mock-model","prompt":"Hello","max_tokens":4}"#;
+        let req = format!(
+            "POST /v1/completions HTTP/1.1\r\nHost: r\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let mut s = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("{i}: connect {e}"))?;
+        s.write_all(req.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut all = Vec::new();
+        tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut all))
+            .await
+            .map_err(|_| format!("{i}: stalled"))?
+            .map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&all);
+        let (head, body) = text.split_once("\r\n\r\n").ok_or("no head")?;
+        if !head.starts_with("HTTP/1.1 200") {
+            return Err(format!("{i}: {head}"));
         }
-        let mut out = Vec::new();
-        for t in tasks {
-            out.push(t.await.unwrap());
+        let v: serde_json::Value =
+            serde_json::from_str(body).map_err(|e| format!("{i}: {e}: {body}"))?;
+        match v["choices"][0]["finish_reason"].as_str() {
+            Some("length") => Ok(()),
+            _ => Err(format!("{i}: {body}")),
         }
-        out
     });
-    let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
-    assert!(
-        failed.is_empty(),
-        "{} failed, first: {:?}",
-        failed.len(),
-        failed.first()
-    );
+    assert_all_ok(&results);
     let unbuffered = scrape_counter(&r, "ringrouter_shard_unbuffered_head_waits_total");
     assert!(
         unbuffered > 0.0 && unbuffered < N as f64,

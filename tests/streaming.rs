@@ -129,60 +129,39 @@ fn a_thousand_concurrent_streams_all_complete() {
     let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
     let r = Router::start(&a);
     let addr = r.addr;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let results: Vec<Result<usize, String>> = rt.block_on(async move {
-        let mut tasks = Vec::new();
-        for i in 0..1000 {
-            tasks.push(tokio::spawn(async move {
-                use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                let body =
-                    r#"{"model":"mock-model","prompt":"Hello","max_tokens":16,"stream":true}"#;
-                let req = post_json("/v1/completions", body);
-                let mut s = tokio::net::TcpStream::connect(addr)
-                    .await
-                    .map_err(|e| format!("{i}: connect {e}"))?;
-                s.write_all(&req).await.map_err(|e| e.to_string())?;
-                let mut all = Vec::new();
-                let mut buf = vec![0u8; 16384];
-                loop {
-                    let n = tokio::time::timeout(Duration::from_secs(60), s.read(&mut buf))
-                        .await
-                        .map_err(|_| format!("{i}: stalled"))?
-                        .map_err(|e| e.to_string())?;
-                    if n == 0 {
-                        return Err(format!("{i}: closed early"));
-                    }
-                    all.extend_from_slice(&buf[..n]);
-                    if all.ends_with(b"0\r\n\r\n") {
-                        if let Some(p) = all.windows(4).position(|w| w == b"\r\n\r\n") {
-                            if let Some((_, body)) = dechunk(&all[p + 4..]) {
-                                let text = String::from_utf8_lossy(&body);
-                                if !text.ends_with("data: [DONE]\n\n") {
-                                    return Err(format!("{i}: no [DONE]"));
-                                }
-                                return Ok(text.matches("data: ").count());
-                            }
+    let results = concurrently(1000, move |i| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let body = r#"{"model":"mock-model","prompt":"Hello","max_tokens":16,"stream":true}"#;
+        let req = post_json("/v1/completions", body);
+        let mut s = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("{i}: connect {e}"))?;
+        s.write_all(&req).await.map_err(|e| e.to_string())?;
+        let mut all = Vec::new();
+        let mut buf = vec![0u8; 16384];
+        loop {
+            let n = tokio::time::timeout(Duration::from_secs(60), s.read(&mut buf))
+                .await
+                .map_err(|_| format!("{i}: stalled"))?
+                .map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err(format!("{i}: closed early"));
+            }
+            all.extend_from_slice(&buf[..n]);
+            if all.ends_with(b"0\r\n\r\n") {
+                if let Some(p) = all.windows(4).position(|w| w == b"\r\n\r\n") {
+                    if let Some((_, body)) = dechunk(&all[p + 4..]) {
+                        let text = String::from_utf8_lossy(&body);
+                        if !text.ends_with("data: [DONE]\n\n") {
+                            return Err(format!("{i}: no [DONE]"));
                         }
+                        return Ok(text.matches("data: ").count());
                     }
                 }
-            }));
+            }
         }
-        let mut out = Vec::new();
-        for t in tasks {
-            out.push(t.await.unwrap());
-        }
-        out
     });
-    let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
-    assert!(
-        failed.is_empty(),
-        "{} failed, first: {:?}",
-        failed.len(),
-        failed.first()
-    );
+    assert_all_ok(&results);
     // 16 tokens + [DONE] in every stream.
     assert!(results.iter().all(|r| *r.as_ref().unwrap() == 17));
     let served: u64 = m.iter().map(|m| m.stats().streams_completed).sum();

@@ -454,3 +454,36 @@ pub fn worker_health(r: &Router, url: &str) -> String {
         .unwrap_or_else(|| panic!("{url} not in {v}"));
     w["health"].as_str().unwrap().to_string()
 }
+
+/// Runs `client(i)` for `i` in `0..n` all at once on one tokio thread (each its own
+/// connection, as many clients would) and returns their results in order.
+pub fn concurrently<T, F, Fut>(n: usize, client: F) -> Vec<Result<T, String>>
+where
+    T: Send + 'static,
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>> + Send + 'static,
+{
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let tasks: Vec<_> = (0..n).map(|i| tokio::spawn(client(i))).collect();
+        let mut out = Vec::with_capacity(n);
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    })
+}
+
+/// Fails with how many of `results` failed and the first failure.
+pub fn assert_all_ok<T>(results: &[Result<T, String>]) {
+    let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} failed, first: {:?}",
+        failed.len(),
+        failed.first()
+    );
+}
