@@ -21,6 +21,7 @@
 #include <netinet/tcp.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -72,8 +73,11 @@ static void close_pair(int ep, struct side *s) {
     doomed[n_doomed++] = s < p ? s : p; /* the two sides are one allocation */
 }
 
-static void watch(int ep, struct side *s, int out) {
-    struct epoll_event ev = {.events = EPOLLIN | (out ? EPOLLOUT : 0), .data.ptr = s};
+/* What `s` waits for: writability while it has bytes left to write, input while its peer
+ * can take more (a peer with bytes left pauses the reading that would add to them). */
+static void arm(int ep, struct side *s) {
+    uint32_t events = (s->pending ? EPOLLOUT : 0) | (s->peer->pending ? 0 : EPOLLIN);
+    struct epoll_event ev = {.events = events, .data.ptr = s};
     epoll_ctl(ep, EPOLL_CTL_MOD, s->fd, &ev);
 }
 
@@ -91,7 +95,8 @@ static int send_to(int ep, struct side *to, const char *buf, size_t len) {
             memcpy(to->pending, buf + off, len - off);
             to->pending_len = len - off;
             to->pending_off = 0;
-            watch(ep, to, 1);
+            arm(ep, to);
+            arm(ep, to->peer);
             return 0;
         } else {
             return -1;
@@ -159,18 +164,19 @@ static void *worker(void *arg) {
                 if (s->pending_off == s->pending_len) {
                     free(s->pending);
                     s->pending = NULL;
-                    watch(ep, s, 0);
-                    watch(ep, s->peer, 0);
+                    arm(ep, s);
+                    arm(ep, s->peer);
                 }
                 continue;
             }
             if (!(evs[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR)))
                 continue;
-            /* The peer still has bytes to take: wait for it before reading more. */
+            /* Paused (its peer has bytes left), yet told of a hang-up or an error, which epoll
+             * reports whatever the mask: the pair is over. */
             if (s->peer->pending) {
-                struct epoll_event ev = {.events = 0, .data.ptr = s};
-                epoll_ctl(ep, EPOLL_CTL_MOD, s->fd, &ev);
-                continue;
+                if (evs[i].events & (EPOLLHUP | EPOLLERR))
+                    close_pair(ep, s);
+                continue; /* else an input reported before the pause: read it later */
             }
             ssize_t r = read(s->fd, buf, BUF);
             if (r < 0 && (errno == EAGAIN || errno == EINTR))

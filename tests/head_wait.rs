@@ -175,12 +175,13 @@ fn a_client_leaving_while_its_head_is_awaited_closes_the_upstream() {
 }
 
 /// More requests waiting for their heads at once than the default threshold (512) on one
-/// shard (non-streamed: the head comes with the answer, after the mock's 300 ms): the first
-/// wait on the ring's reads, the rest without a buffer; all are answered whole.
+/// shard (non-streamed: the head comes with the answer, after the mock's 2 s, long enough
+/// for all of them to be sent on a loaded machine): the first wait on the ring's reads, the
+/// rest without a buffer; all are answered whole.
 #[test]
 fn a_burst_that_crowds_the_shard_is_answered_whole() {
     let m = mocks(2, |c| {
-        c.ttft = Duration::from_millis(300);
+        c.ttft = Duration::from_secs(2);
         c.record = false;
     });
     let mut args = worker_args(&m);
