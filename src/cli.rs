@@ -161,8 +161,9 @@ pub struct Cli {
     pub io_driver: DriverArg,
 
     /// [ringrouter] Requests waiting for a worker's response head on one shard above which
-    /// each waits for readiness before it takes a read buffer (less memory in a burst of
-    /// new streams, a little more CPU per request); 0: always.
+    /// each waits for readiness before it takes a read buffer (1 KiB less per request
+    /// waiting, e.g. non-streamed ones whose answer comes whole; a little more CPU per
+    /// request); 0: always.
     #[arg(long, default_value_t = 512)]
     pub head_wait_poll_above: usize,
 
