@@ -11,7 +11,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -143,7 +143,7 @@ fn a_pooled_connection_the_worker_closed_is_replaced_on_the_same_worker() {
 
 #[test]
 fn a_client_leaving_while_its_head_is_awaited_closes_the_upstream() {
-    let closed_at: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let closed_at: Closes = Arc::default();
     let c = closed_at.clone();
     // Never answers; records when the router closes the connection.
     let up = RawUpstream::spawn(move |mut s| {
@@ -161,14 +161,7 @@ fn a_client_leaving_while_its_head_is_awaited_closes_the_upstream() {
         std::thread::sleep(Duration::from_millis(100));
         let left = Instant::now();
         drop(s);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while closed_at.lock().unwrap().len() <= round && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let at = *closed_at
-            .lock()
-            .unwrap()
-            .get(round)
+        let at = nth_close(&closed_at, round)
             .unwrap_or_else(|| panic!("{driver}: the router kept the upstream open"));
         assert!(at.duration_since(left) < Duration::from_secs(1), "{driver}");
     }

@@ -6,7 +6,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -241,7 +241,7 @@ fn request_id_is_kept_or_generated_and_reaches_the_worker() {
 #[test]
 fn client_leaving_mid_stream_closes_the_upstream_at_once_and_it_is_not_reused() {
     // A worker that sends the head and one event, then waits to see the router close.
-    let closed_at: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let closed_at: Closes = Arc::default();
     let conns = Arc::new(AtomicUsize::new(0));
     let (c2, n2) = (closed_at.clone(), conns.clone());
     let up = RawUpstream::spawn(move |mut s| {
@@ -280,15 +280,7 @@ fn client_leaving_mid_stream_closes_the_upstream_at_once_and_it_is_not_reused() 
         }
         let left = Instant::now();
         drop(s);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while closed_at.lock().unwrap().len() <= round && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let at = *closed_at
-            .lock()
-            .unwrap()
-            .get(round)
-            .expect("the router closed the upstream");
+        let at = nth_close(&closed_at, round).expect("the router closed the upstream");
         worst = worst.max(at.saturating_duration_since(left));
     }
     // Each round needed a new upstream connection: an aborted one is never reused.

@@ -487,3 +487,15 @@ pub fn assert_all_ok<T>(results: &[Result<T, String>]) {
         failed.first()
     );
 }
+
+/// When the router closed a worker's connections, in order, as the worker saw them go.
+pub type Closes = std::sync::Arc<std::sync::Mutex<Vec<std::time::Instant>>>;
+
+/// The time of close number `n` (from 0), waited for up to 5 s.
+pub fn nth_close(closes: &Closes, n: usize) -> Option<std::time::Instant> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while closes.lock().unwrap().len() <= n && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    closes.lock().unwrap().get(n).copied()
+}
