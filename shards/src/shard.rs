@@ -151,19 +151,20 @@ fn build_runtime(driver: IoDriver) -> Result<(Runtime, &'static str, Option<Urin
     }
     let mut refused = None;
     for setup in UringSetup::PREFERENCE {
-        let built: std::io::Result<Runtime> = match driver {
-            IoDriver::Auto => RuntimeBuilder::<monoio::FusionDriver>::new()
-                .with_entries(URING_ENTRIES)
-                .uring_builder(setup.builder())
-                .enable_timer()
-                .build(),
-            IoDriver::Uring => RuntimeBuilder::<IoUringDriver>::new()
+        let built: std::io::Result<Runtime> = if driver == IoDriver::Uring {
+            RuntimeBuilder::<IoUringDriver>::new()
                 .with_entries(URING_ENTRIES)
                 .uring_builder(setup.builder())
                 .enable_timer()
                 .build()
-                .map(Into::into),
-            IoDriver::Epoll => unreachable!("built above"),
+                .map(Into::into)
+        } else {
+            // `auto`: io_uring in this setup, or epoll where io_uring is refused outright.
+            RuntimeBuilder::<monoio::FusionDriver>::new()
+                .with_entries(URING_ENTRIES)
+                .uring_builder(setup.builder())
+                .enable_timer()
+                .build()
         };
         match built {
             Ok(rt) => {
